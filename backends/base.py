@@ -1,0 +1,57 @@
+"""The seam between the lifecycle manager and the engine kinds.
+
+A backend turns a model entry into a command line and an environment, and
+says how to ask the engine whether it is ready or alive. It does no I/O.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from config.models import ModelSpec
+
+LOOPBACK = "127.0.0.1"
+
+
+@dataclass(frozen=True)
+class LaunchContext:
+    """What the daemon decided for this start of the engine."""
+
+    port: int
+    model_path: str  # local file or directory, or a hub id the engine resolves
+    base_env: Mapping[str, str]  # the daemon's allow-listed environment
+    command: tuple[str, ...] | None = None  # models.yaml `engines:` override
+    override_env: Mapping[str, str] = field(default_factory=dict)
+    api_key: str | None = None
+    sglang_max_running_requests: int = 3
+    sglang_max_total_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    argv: tuple[str, ...]
+    env: Mapping[str, str]
+
+
+class Backend(Protocol):
+    name: str
+    # Answers 2xx only once the engine can serve (polled during start).
+    readiness_path: str
+    # Polled by the health monitor while READY.
+    liveness_path: str
+
+    def launch(self, spec: ModelSpec, ctx: LaunchContext) -> LaunchSpec: ...
+
+
+def engine_env(spec: ModelSpec, ctx: LaunchContext) -> dict[str, str]:
+    """Clean environment: allow-list, then device pinning, then overrides, then the model's env."""
+    env = dict(ctx.base_env)
+    if spec.execution_mode == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    elif spec.gpu_ids:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in spec.gpu_ids)
+    env.update(ctx.override_env)
+    env.update(spec.env)
+    return env

@@ -1,0 +1,36 @@
+"""SGLang: `python -m sglang.launch_server --model-path ...` (see ENGINES.md)."""
+
+from __future__ import annotations
+
+import sys
+
+from backends.base import LOOPBACK, LaunchContext, LaunchSpec, engine_env
+from config.models import ModelSpec
+
+DEFAULT_COMMAND = (sys.executable, "-m", "sglang.launch_server")
+
+
+class SGLangBackend:
+    name = "sglang"
+    # /health runs a one-token generation and answers 503 until warm-up ends.
+    readiness_path = "/health"
+    liveness_path = "/health"
+
+    def launch(self, spec: ModelSpec, ctx: LaunchContext) -> LaunchSpec:
+        argv = [*(ctx.command or DEFAULT_COMMAND)]
+        argv += ["--model-path", ctx.model_path, "--host", LOOPBACK, "--port", str(ctx.port)]
+        argv += ["--served-model-name", spec.served_name]
+        argv += ["--max-running-requests", str(ctx.sglang_max_running_requests)]
+        # 0 = elastic: any value given caps the KV pool, and 0 would fail start-up.
+        if ctx.sglang_max_total_tokens > 0:
+            argv += ["--max-total-tokens", str(ctx.sglang_max_total_tokens)]
+        if spec.format == "awq":
+            argv += ["--quantization", "awq"]
+        if spec.type in ("embedding", "reranker"):
+            argv += ["--is-embedding"]
+        if len(spec.gpu_ids) > 1:
+            argv += ["--tp-size", str(len(spec.gpu_ids))]
+        if ctx.api_key:
+            argv += ["--api-key", ctx.api_key]
+        argv += spec.args
+        return LaunchSpec(argv=tuple(argv), env=engine_env(spec, ctx))

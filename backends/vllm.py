@@ -1,0 +1,36 @@
+"""vLLM: `vllm serve MODEL ...` (see ENGINES.md)."""
+
+from __future__ import annotations
+
+import sys
+
+from backends.base import LOOPBACK, LaunchContext, LaunchSpec, engine_env
+from config.models import ModelSpec
+
+# The `vllm` console script is this module; calling it through our own
+# interpreter avoids depending on PATH.
+DEFAULT_COMMAND = (sys.executable, "-m", "vllm.entrypoints.cli.main", "serve")
+
+
+class VLLMBackend:
+    name = "vllm"
+    # /health answers 200 once the model is loaded, 503 only if the engine died.
+    readiness_path = "/health"
+    liveness_path = "/health"
+
+    def launch(self, spec: ModelSpec, ctx: LaunchContext) -> LaunchSpec:
+        argv = [*(ctx.command or DEFAULT_COMMAND), ctx.model_path]
+        # vLLM binds all interfaces unless told otherwise.
+        argv += ["--host", LOOPBACK, "--port", str(ctx.port)]
+        argv += ["--served-model-name", spec.served_name]
+        if spec.format == "awq":
+            argv += ["--quantization", "awq"]
+        if spec.type in ("embedding", "reranker"):
+            # `--task` is gone; pooling models use the pooling runner.
+            argv += ["--runner", "pooling"]
+        if len(spec.gpu_ids) > 1:
+            argv += ["--tensor-parallel-size", str(len(spec.gpu_ids))]
+        if ctx.api_key:
+            argv += ["--api-key", ctx.api_key]
+        argv += spec.args
+        return LaunchSpec(argv=tuple(argv), env=engine_env(spec, ctx))

@@ -1,0 +1,209 @@
+"""The models.yaml registry: schema, cross-checks, and load errors with paths.
+
+Errors name the file, the model and the field, e.g.
+``config/models.yaml: models[2] 'qwen': port: 30003 is also used by models[0] 'bge'``.
+All problems in a file are reported together; any of them stops the daemon,
+except a format its backend cannot run: that model is loaded *disabled* and a
+request for it gets 422 FORMAT_NOT_SUPPORTED (so one bad entry does not take
+down every other model).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from backends.capabilities import (
+    DEFAULT_DEVICE,
+    DEFAULT_FORMAT,
+    MANAGED_FLAGS,
+    SUPPORTED_DEVICES,
+    SUPPORTED_TYPES,
+    BackendName,
+    Device,
+    ModelFormat,
+    ModelType,
+    format_problem,
+)
+
+
+class ConfigError(Exception):
+    """models.yaml could not be used; `problems` lists every reason found."""
+
+    def __init__(self, source: Path, problems: Sequence[str]) -> None:
+        self.source = source
+        self.problems = list(problems)
+        super().__init__("\n".join(f"{source}: {p}" for p in self.problems))
+
+
+class ModelSpec(BaseModel):
+    """One entry of `models:`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1, pattern=r"^[^\s/]+$")
+    type: ModelType = "llm"
+    backend: BackendName
+    execution_mode: Device  # defaults from the backend (see below)
+    model_path: str = Field(min_length=1)
+    format: ModelFormat  # defaults from the backend
+    gpu_id: int | list[int] | None = None
+    port: int | None = Field(None, ge=1, le=65535)
+    idle_timeout: float | None = Field(None, ge=0)
+    cpu_offload_model: str | None = None
+    args: tuple[str, ...] = ()
+    env: dict[str, str] = Field(default_factory=dict)
+    served_model_name: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _defaults_from_backend(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("backend") in DEFAULT_DEVICE:
+            data = dict(data)
+            data.setdefault("execution_mode", DEFAULT_DEVICE[data["backend"]])
+            data.setdefault("format", DEFAULT_FORMAT[data["backend"]])
+        return data
+
+    @property
+    def served_name(self) -> str:
+        return self.served_model_name or self.name
+
+    @property
+    def gpu_ids(self) -> tuple[int, ...]:
+        if self.gpu_id is None:
+            return ()
+        return (self.gpu_id,) if isinstance(self.gpu_id, int) else tuple(self.gpu_id)
+
+
+class EngineOverride(BaseModel):
+    """`engines: {<backend>: {command: [...], env: {...}}}`: how a backend is launched."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    command: tuple[str, ...] = Field(min_length=1)
+    env: dict[str, str] = Field(default_factory=dict)
+
+
+class _RegistryFile(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    models: list[ModelSpec] = Field(default_factory=list)
+    engines: dict[BackendName, EngineOverride] = Field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Registry:
+    """The validated registry. `disabled` maps a model name to why it cannot run."""
+
+    source: Path
+    models: Mapping[str, ModelSpec]
+    engines: Mapping[str, EngineOverride] = field(default_factory=dict)
+    disabled: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.models)
+
+
+def load_registry(path: Path) -> Registry:
+    """Read and validate `path`; raise ConfigError naming every problem."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(path, [f"cannot read file: {exc.strerror or exc}"]) from exc
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(path, [f"not valid YAML: {exc}"]) from exc
+    return parse_registry(raw if raw is not None else {}, path)
+
+
+def parse_registry(raw: object, source: Path) -> Registry:
+    if not isinstance(raw, dict):
+        raise ConfigError(source, ["top level must be a mapping with a 'models' list"])
+    try:
+        parsed = _RegistryFile.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(source, _describe_validation(exc, raw)) from exc
+    problems = _cross_check(parsed.models)
+    if problems:
+        raise ConfigError(source, problems)
+    disabled = {
+        m.name: reason
+        for m in parsed.models
+        if (reason := format_problem(m.backend, m.format)) is not None
+    }
+    return Registry(
+        source=source,
+        models={m.name: m for m in parsed.models},
+        engines=dict(parsed.engines),
+        disabled=disabled,
+    )
+
+
+def _label(index: int, models: Sequence[Any]) -> str:
+    name = models[index].get("name") if isinstance(models[index], dict) else None
+    return f"models[{index}] '{name}'" if name else f"models[{index}]"
+
+
+def _describe_validation(exc: ValidationError, raw: dict[str, Any]) -> list[str]:
+    models = raw.get("models") if isinstance(raw.get("models"), list) else []
+    problems = []
+    for err in exc.errors():
+        loc = list(err["loc"])
+        where = ".".join(str(part) for part in loc) or "(top level)"
+        if len(loc) >= 2 and loc[0] == "models" and isinstance(loc[1], int) and models:
+            rest = ".".join(str(part) for part in loc[2:]) or "(entry)"
+            where = f"{_label(loc[1], models)}: {rest}"
+        message = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
+        problems.append(f"{where}: {message}")
+    return problems
+
+
+def _cross_check(models: Sequence[ModelSpec]) -> list[str]:
+    problems: list[str] = []
+    first_by_name: dict[str, int] = {}
+    first_by_port: dict[int, int] = {}
+    by_name = {m.name: m for m in models}
+    for i, m in enumerate(models):
+        label = f"models[{i}] '{m.name}'"
+        if m.name in first_by_name:
+            problems.append(f"{label}: name: duplicate of models[{first_by_name[m.name]}]")
+        first_by_name.setdefault(m.name, i)
+        if m.port is not None:
+            if m.port in first_by_port:
+                j = first_by_port[m.port]
+                problems.append(f"{label}: port: {m.port} is also used by models[{j}] '{models[j].name}'")
+            first_by_port.setdefault(m.port, i)
+        if m.execution_mode not in SUPPORTED_DEVICES[m.backend]:
+            problems.append(f"{label}: execution_mode: backend '{m.backend}' cannot run on {m.execution_mode}")
+        if m.type not in SUPPORTED_TYPES[m.backend]:
+            problems.append(f"{label}: type: backend '{m.backend}' cannot serve '{m.type}' models")
+        if m.backend == "sglang" and ":" in m.served_name:
+            problems.append(f"{label}: served_model_name: SGLang does not allow ':' (set served_model_name)")
+        managed = sorted({a.split("=", 1)[0] for a in m.args} & MANAGED_FLAGS)
+        if managed:
+            problems.append(f"{label}: args: {', '.join(managed)} is set by the daemon")
+        problems.extend(_offload_problems(label, m, by_name))
+    return problems
+
+
+def _offload_problems(label: str, m: ModelSpec, by_name: Mapping[str, ModelSpec]) -> list[str]:
+    if m.cpu_offload_model is None:
+        return []
+    where = f"{label}: cpu_offload_model"
+    twin = by_name.get(m.cpu_offload_model)
+    if twin is None:
+        return [f"{where}: '{m.cpu_offload_model}' is not a model in this file"]
+    if twin.execution_mode != "cpu":
+        return [f"{where}: '{twin.name}' is not a CPU model (execution_mode: {twin.execution_mode})"]
+    if m.execution_mode != "gpu":
+        return [f"{where}: only GPU models offload to a CPU twin"]
+    if twin.type != m.type:
+        return [f"{where}: '{twin.name}' is a {twin.type} model, not {m.type}"]
+    return []

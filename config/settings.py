@@ -1,0 +1,77 @@
+"""Daemon settings, read from the environment (and nothing else reads it).
+
+Every variable of the spec is here with the spec's default. A few extra ones
+(`STATE_DIR`, `STOP_GRACE_PERIOD`, `LOG_LEVEL`) cover what an operator of a
+process supervisor needs; they are documented in the README.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+CONFIG_DIR = Path(__file__).resolve().parent
+DEFAULT_MODELS_CONFIG = CONFIG_DIR / "models.yaml"
+
+ExecutionMode = Literal["gpu", "cpu"]
+
+
+def _default_state_dir() -> Path:
+    return Path.home() / ".cache" / "unified-inference"
+
+
+class Settings(BaseSettings):
+    """Environment settings; names are the upper-case field names."""
+
+    model_config = SettingsConfigDict(frozen=True, extra="ignore", case_sensitive=False)
+
+    execution_mode: Literal["gpu", "cpu", "auto"] = "auto"
+    router_host: str = "0.0.0.0"
+    router_port: int = Field(3001, ge=0, le=65535)
+
+    sglang_max_running_requests: int = Field(3, ge=1)
+    # 0 means "elastic": the flag is not passed and SGLang sizes its KV pool itself.
+    sglang_max_total_tokens: int = Field(0, ge=0)
+
+    # Relative paths are taken from the working directory; the default is the
+    # models.yaml shipped beside this module, so `python main.py` works anywhere.
+    models_config_path: Path = DEFAULT_MODELS_CONFIG
+
+    default_idle_timeout: float = Field(300.0, ge=0)
+    health_check_interval: float = Field(10.0, gt=0)
+    # Missed liveness probes in a row before a READY engine is declared hung.
+    health_check_failures: int = Field(3, ge=1)
+    startup_timeout: float = Field(120.0, gt=0)
+
+    enable_cpu_offload: bool = True
+    offload_queue_threshold: int = Field(3, ge=1)
+
+    # Pid records, per-model engine logs and assembled model files live here.
+    state_dir: Path = Field(default_factory=_default_state_dir)
+    # SIGTERM -> this many seconds -> SIGKILL for an engine's process group.
+    stop_grace_period: float = Field(10.0, ge=0)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.state_dir / "run"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.state_dir / "logs"
+
+    @property
+    def model_cache_dir(self) -> Path:
+        return self.state_dir / "models"
+
+
+def resolve_execution_mode(setting: str, gpu_count: int) -> ExecutionMode:
+    """`auto` means gpu when NVML sees at least one GPU, else cpu."""
+    if setting == "gpu":
+        return "gpu"
+    if setting == "cpu":
+        return "cpu"
+    return "gpu" if gpu_count > 0 else "cpu"

@@ -1,0 +1,405 @@
+"""One model's engine: the single owner of its process and its state.
+
+Invariants (the reasons are peers' bugs, see ANCHORS.md):
+
+- At most one *transition* (a start or a stop) runs at a time, as the task
+  in `_transition`. A caller that needs one creates it when none runs and
+  otherwise waits for the one that does, so N simultaneous first requests
+  share one start and all see its one outcome. Callers are shielded: a
+  client that goes away never cancels a start that others wait for.
+- Every state change goes through `_set()`, which enforces TRANSITIONS.
+  Outside a transition only one change happens: READY -> (a stop task) when
+  the process exits on its own or the health monitor gives up on it.
+- A lease counts a request from before `ensure_ready` until its last byte.
+  The idle timer is armed only when `in_flight` falls to 0 while READY and is
+  disarmed by any new lease; the idle stop re-checks `in_flight`, so an
+  engine is never stopped for idleness while it serves (llama-swap #25).
+- A request that arrives during a stop waits for that stop and then starts
+  the engine again; it never hangs on a racing stop (llama-swap #946).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from backends.base import LOOPBACK, Backend, LaunchContext
+from config.models import EngineOverride, ModelSpec
+from config.settings import Settings
+from lifecycle.model_files import ModelFileError, ModelFiles
+from lifecycle.pidrecords import PidRecords
+from lifecycle.ports import free_port
+from lifecycle.probe import Prober
+from lifecycle.process import LogTail, descendants, kill_group_now, pump_output, spawn, terminate_group
+from lifecycle.state import (
+    EngineBackingOff,
+    EngineStartError,
+    EngineState,
+    EngineStatus,
+    check_transition,
+)
+
+log = logging.getLogger(__name__)
+
+READY_POLL_INTERVAL = 0.025  # seconds between readiness probes during a start
+PROBE_TIMEOUT = 2.0
+ERROR_TAIL_LINES = 15
+BACKOFF_CAP = 60.0
+
+
+def backoff_delay(failures: int) -> float:
+    """Seconds before the next automatic start: none after the first failure, then 1, 2, 4 … 60."""
+    return 0.0 if failures <= 1 else min(BACKOFF_CAP, 2.0 ** (failures - 2))
+
+
+@dataclass(frozen=True)
+class EngineServices:
+    """What every engine shares, built once by the manager."""
+
+    settings: Settings
+    base_env: dict[str, str]
+    prober: Prober
+    pid_records: PidRecords
+    model_files: ModelFiles
+    log_dir: Path
+
+
+class Lease:
+    """One request in flight on an engine; release it exactly once (idempotent)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine: Engine | None = engine
+
+    def release(self) -> None:
+        if self._engine is not None:
+            self._engine._release()
+            self._engine = None
+
+    def __enter__(self) -> Lease:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+class Engine:
+    def __init__(
+        self,
+        spec: ModelSpec,
+        backend: Backend,
+        services: EngineServices,
+        override: EngineOverride | None = None,
+    ) -> None:
+        self.spec = spec
+        self.backend = backend
+        self._services = services
+        self._override = override
+        self.log = LogTail(services.log_dir / f"{spec.name}.log")
+        self._state = EngineState.STOPPED
+        self._changed = asyncio.Condition()
+        self._transition: asyncio.Task[None] | None = None
+        self._abort = asyncio.Event()
+        self._proc: asyncio.subprocess.Process | None = None
+        self._exited: asyncio.Task[int] | None = None
+        self._pump: asyncio.Task[None] | None = None
+        self._port: int | None = None
+        self._idle_handle: asyncio.TimerHandle | None = None
+        self.in_flight = 0
+        self.starts = 0
+        self.failures = 0
+        self.last_used: float | None = None
+        self.last_error: str | None = None
+        self.retry_at: float | None = None
+
+    # ------------------------------------------------------------------ views
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def state(self) -> EngineState:
+        return self._state
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{LOOPBACK}:{self._port}"
+
+    @property
+    def idle_timeout(self) -> float:
+        if self.spec.idle_timeout is not None:
+            return self.spec.idle_timeout
+        return self._services.settings.default_idle_timeout
+
+    def status(self) -> EngineStatus:
+        return EngineStatus(
+            name=self.name,
+            backend=self.spec.backend,
+            state=self._state,
+            pid=self.pid,
+            port=self._port,
+            in_flight=self.in_flight,
+            starts=self.starts,
+            last_used=self.last_used,
+            failures=self.failures,
+            last_error=self.last_error,
+            retry_at=self.retry_at,
+        )
+
+    async def wait_for_state(self, *states: EngineState, timeout: float) -> EngineState:
+        """Wait until the state is one of `states` (for operators' tools and tests)."""
+        async with self._changed:
+            await asyncio.wait_for(self._changed.wait_for(lambda: self._state in states), timeout)
+        return self._state
+
+    # ----------------------------------------------------------------- leases
+
+    def acquire(self) -> Lease:
+        self.in_flight += 1
+        self.last_used = time.time()
+        self._disarm_idle()
+        return Lease(self)
+
+    def _release(self) -> None:
+        self.in_flight -= 1
+        self.last_used = time.time()
+        if self.in_flight == 0 and self._state is EngineState.READY:
+            self._arm_idle()
+
+    def _arm_idle(self) -> None:
+        self._disarm_idle()
+        if self.idle_timeout > 0:
+            loop = asyncio.get_running_loop()
+            self._idle_handle = loop.call_later(self.idle_timeout, self._on_idle)
+
+    def _disarm_idle(self) -> None:
+        if self._idle_handle is not None:
+            self._idle_handle.cancel()
+            self._idle_handle = None
+
+    def _on_idle(self) -> None:
+        self._idle_handle = None
+        if self.in_flight == 0 and self._state is EngineState.READY and self._transition is None:
+            log.info("engine '%s' idle for %.1fs: stopping", self.name, self.idle_timeout)
+            self._begin(self._run_stop(EngineState.STOPPED, None))
+
+    # ---------------------------------------------------------------- intents
+
+    async def ensure_ready(self, *, force: bool = False) -> str:
+        """Return the engine's base URL once READY, starting it if needed.
+
+        Raises EngineStartError (shared by all who waited on that start) or
+        EngineBackingOff while a failed engine's back-off runs (`force` skips it).
+        """
+        while True:
+            if self._state is EngineState.READY and self._transition is None:
+                return self.base_url
+            task = self._transition
+            if task is None:
+                self._check_backoff(force)
+                task = self._begin(self._run_start())
+            await asyncio.shield(task)
+
+    async def stop(self) -> None:
+        """Stop the engine and wait until its whole process group is gone."""
+        while (task := self._transition) is not None:
+            if self._state is EngineState.STARTING:
+                self._abort.set()
+            with contextlib.suppress(EngineStartError):
+                await asyncio.shield(task)
+        if self._state is EngineState.FAILED:
+            self.retry_at = None
+            self._set(EngineState.STOPPED)
+        elif self._state is EngineState.READY:
+            await asyncio.shield(self._begin(self._run_stop(EngineState.STOPPED, None)))
+
+    def mark_failed(self, reason: str) -> None:
+        """The health monitor gave up on a READY engine: kill it, end FAILED."""
+        if self._state is EngineState.READY and self._transition is None:
+            self._begin(self._run_stop(EngineState.FAILED, reason))
+
+    def kill_now(self) -> None:
+        """Synchronous last resort at interpreter exit."""
+        if self._proc is not None and self._proc.returncode is None:
+            kill_group_now(self._proc.pid, descendants(self._proc.pid))
+
+    # ------------------------------------------------------------ transitions
+
+    def _set(self, new: EngineState) -> None:
+        check_transition(self._state, new)
+        log.debug("engine '%s': %s -> %s", self.name, self._state.value, new.value)
+        self._state = new
+
+        async def notify() -> None:
+            async with self._changed:
+                self._changed.notify_all()
+
+        asyncio.get_running_loop().create_task(notify())
+
+    def _begin(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(coro, name=f"engine:{self.name}")
+        self._transition = task
+
+        def done(t: asyncio.Task[None]) -> None:
+            if self._transition is t:
+                self._transition = None
+            if not t.cancelled():
+                t.exception()  # seen by waiters; never "exception was never retrieved"
+
+        task.add_done_callback(done)
+        return task
+
+    def _check_backoff(self, force: bool) -> None:
+        if self._state is not EngineState.FAILED or force or self.retry_at is None:
+            return
+        wait = self.retry_at - time.time()
+        if wait > 0:
+            raise EngineBackingOff(
+                self.name,
+                f"model '{self.name}' failed {self.failures} times; next start in {wait:.1f}s "
+                f"(last error: {self.last_error})",
+                self.retry_at,
+            )
+
+    def _record_failure(self, reason: str) -> None:
+        self.failures += 1
+        self.last_error = reason
+        delay = backoff_delay(self.failures)
+        self.retry_at = time.time() + delay if delay > 0 else None
+        log.warning("engine '%s' failed (%d): %s", self.name, self.failures, reason)
+
+    async def _run_start(self) -> None:
+        self._set(EngineState.STARTING)
+        self.starts += 1
+        self._abort = asyncio.Event()
+        timeout = self._services.settings.startup_timeout
+        try:
+            await self._launch()
+            await self._await_ready(time.monotonic() + timeout, timeout)
+        except EngineStartError as exc:
+            if self._abort.is_set():  # an operator's stop, or daemon exit, during start
+                self._set(EngineState.STOPPING)
+                await self._terminate()
+                self._set(EngineState.STOPPED)
+                raise
+            await self._terminate()
+            self._record_failure(exc.message)
+            self._set(EngineState.FAILED)
+            raise
+        except asyncio.CancelledError:
+            self.kill_now()
+            raise
+        self.failures = 0
+        self.retry_at = None
+        self._set(EngineState.READY)
+        log.info("engine '%s' ready on %s (pid %s)", self.name, self.base_url, self.pid)
+        assert self._exited is not None
+        asyncio.get_running_loop().create_task(self._watch_exit(self._exited))
+        if self.in_flight == 0:
+            self._arm_idle()
+
+    def _start_error(self, message: str) -> EngineStartError:
+        tail = self.log.tail(ERROR_TAIL_LINES)
+        text = f"model '{self.name}': {message}"
+        if tail:
+            text += "\nlast engine output:\n" + "\n".join(tail)
+        return EngineStartError(self.name, text, tail)
+
+    async def _launch(self) -> None:
+        settings = self._services.settings
+        self._port = self.spec.port or free_port()
+        try:
+            model_path = await asyncio.to_thread(self._services.model_files.resolve, self.spec.model_path)
+        except ModelFileError as exc:
+            raise self._start_error(str(exc)) from exc
+        ctx = LaunchContext(
+            port=self._port,
+            model_path=model_path,
+            base_env=self._services.base_env,
+            command=self._override.command if self._override else None,
+            override_env=self._override.env if self._override else {},
+            sglang_max_running_requests=settings.sglang_max_running_requests,
+            sglang_max_total_tokens=settings.sglang_max_total_tokens,
+        )
+        launch = self.backend.launch(self.spec, ctx)
+        try:
+            self._proc = await spawn(launch.argv, launch.env, self.log)
+        except OSError as exc:
+            self.log.write(f"=== could not launch: {exc}")
+            raise self._start_error(f"could not launch '{launch.argv[0]}': {exc}") from exc
+        self._services.pid_records.write(self.name, self._proc.pid)
+        self._pump = asyncio.get_running_loop().create_task(pump_output(self._proc, self.log))
+        self._exited = asyncio.get_running_loop().create_task(self._proc.wait())
+
+    async def _await_ready(self, deadline: float, timeout: float) -> None:
+        """Poll the readiness route until 2xx; fail as soon as the process exits."""
+        assert self._exited is not None
+        url = self.base_url + self.backend.readiness_path
+        aborted = asyncio.get_running_loop().create_task(self._abort.wait())
+        try:
+            while True:
+                if self._abort.is_set():
+                    raise self._start_error("start aborted by a stop request")
+                if self._exited.done():
+                    await self._drain_output()
+                    raise self._start_error(f"engine exited with code {self._exited.result()} during start")
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise self._start_error(f"engine not ready after {timeout:.0f}s (STARTUP_TIMEOUT)")
+                if await self._services.prober.ok(url, min(PROBE_TIMEOUT, remaining)):
+                    return
+                await asyncio.wait(
+                    {self._exited, aborted}, timeout=min(READY_POLL_INTERVAL, max(remaining, 0))
+                )
+        finally:
+            aborted.cancel()
+
+    async def _drain_output(self) -> None:
+        # The pipe may stay open if a child inherited it: do not wait long.
+        if self._pump is not None:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._pump), 0.5)
+
+    async def _watch_exit(self, exited: asyncio.Task[int]) -> None:
+        code = await exited
+        if self._exited is exited and self._state is EngineState.READY and self._transition is None:
+            await self._drain_output()
+            reason = f"engine exited unexpectedly with code {code}"
+            tail = self.log.tail(ERROR_TAIL_LINES)
+            self._begin(self._run_stop(EngineState.FAILED, reason + ("; last output: " + tail[-1] if tail else "")))
+
+    async def _run_stop(self, final: EngineState, reason: str | None) -> None:
+        self._set(EngineState.STOPPING)
+        self._disarm_idle()
+        await self._terminate()
+        if final is EngineState.FAILED and reason is not None:
+            self._record_failure(reason)
+        self._set(final)
+
+    async def _terminate(self) -> None:
+        """Stop the process group (SIGTERM, grace, SIGKILL) and forget the process."""
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            grace = self._services.settings.stop_grace_period
+            killed = await terminate_group(proc.pid, grace, extra=descendants(proc.pid))
+            if killed:
+                self.log.write(f"=== did not exit within {grace:.1f}s of SIGTERM: killed")
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(proc.wait(), 5.0)
+            self._services.pid_records.remove(self.name, proc.pid)
+            self.log.write(f"=== exited with code {proc.returncode}")
+        if self._pump is not None:
+            self._pump.cancel()
+            self._pump = None
+        self._exited = None
+        self._port = None

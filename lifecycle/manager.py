@@ -1,0 +1,104 @@
+"""The engines of a registry: orphan reaping, health monitoring, shutdown.
+
+The manager owns no engine state itself: each `Engine` owns its own. It
+reaps orphans before anything starts, runs one health-monitor task, and on
+shutdown stops every engine group concurrently and waits for all of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import logging
+
+from backends.registry import backend_for
+from config.models import Registry
+from config.settings import Settings
+from lifecycle.engine import Engine, EngineServices
+from lifecycle.model_files import ModelFiles
+from lifecycle.pidrecords import PidRecords
+from lifecycle.probe import Prober
+from lifecycle.state import EngineState
+
+log = logging.getLogger(__name__)
+
+
+class EngineManager:
+    def __init__(self, registry: Registry, settings: Settings, base_env: dict[str, str]) -> None:
+        self.registry = registry
+        self.settings = settings
+        self._prober = Prober()
+        self.pid_records = PidRecords(settings.run_dir)
+        services = EngineServices(
+            settings=settings,
+            base_env=base_env,
+            prober=self._prober,
+            pid_records=self.pid_records,
+            model_files=ModelFiles(settings.model_cache_dir),
+            log_dir=settings.log_dir,
+        )
+        self.engines: dict[str, Engine] = {
+            name: Engine(spec, backend_for(spec.backend), services, registry.engines.get(spec.backend))
+            for name, spec in registry.models.items()
+        }
+        self._monitor: asyncio.Task[None] | None = None
+        self._misses: dict[str, int] = {}
+
+    def get(self, name: str) -> Engine | None:
+        return self.engines.get(name)
+
+    async def start(self) -> None:
+        """Reap engines left by a daemon that died hard, then start monitoring."""
+        reaped = await self.pid_records.reap_orphans(self.settings.stop_grace_period)
+        if reaped:
+            log.warning("reaped %d orphaned engine group(s)", len(reaped))
+        atexit.register(self._kill_all_now)
+        self._monitor = asyncio.get_running_loop().create_task(self._monitor_health(), name="health-monitor")
+
+    async def shutdown(self) -> None:
+        """Stop every engine group and wait until all are gone."""
+        if self._monitor is not None:
+            self._monitor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._monitor
+        await asyncio.gather(*(engine.stop() for engine in self.engines.values()), return_exceptions=True)
+        await self._prober.close()
+        atexit.unregister(self._kill_all_now)
+
+    def _kill_all_now(self) -> None:
+        # Only reached if the interpreter exits without `shutdown()` running.
+        for engine in self.engines.values():
+            engine.kill_now()
+
+    # --------------------------------------------------------- health monitor
+
+    async def _monitor_health(self) -> None:
+        """Every HEALTH_CHECK_INTERVAL, probe each READY engine's liveness route.
+
+        A dead process is caught at once by the engine's own exit watcher;
+        this catches the hung ones. After `failures_allowed` missed probes in
+        a row the engine is killed and marked FAILED; the next request
+        starts a fresh one.
+        """
+        interval = self.settings.health_check_interval
+        while True:
+            await asyncio.sleep(interval)
+            ready = [e for e in self.engines.values() if e.state is EngineState.READY]
+            results = await asyncio.gather(*(self._probe(e, interval) for e in ready))
+            for engine, ok in zip(ready, results):
+                self._note(engine, ok)
+
+    async def _probe(self, engine: Engine, interval: float) -> bool:
+        url = engine.base_url + engine.backend.liveness_path
+        return await self._prober.ok(url, timeout=max(interval, 1.0))
+
+    def _note(self, engine: Engine, ok: bool) -> None:
+        if ok or engine.state is not EngineState.READY:
+            self._misses.pop(engine.name, None)
+            return
+        misses = self._misses.get(engine.name, 0) + 1
+        self._misses[engine.name] = misses
+        if misses >= self.settings.health_check_failures:
+            self._misses.pop(engine.name, None)
+            engine.mark_failed(f"engine unresponsive: {misses} health checks failed in a row")

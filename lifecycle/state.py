@@ -1,0 +1,86 @@
+"""Engine states, the legal transitions between them, and lifecycle errors.
+
+    STOPPED ──▶ STARTING ──▶ READY ──▶ STOPPING ──▶ STOPPED
+                   │  ▲         │          │
+                   ▼  │         ▼          ▼
+                  FAILED ◀──────┴──────────┘
+
+FAILED means the process group is gone and the last start or run ended
+badly; the next `ensure_ready` (after a back-off) or an admin start retries.
+
+Errors (all are `EngineError`; the API maps them to MODEL_UNAVAILABLE):
+
+    EngineError
+     ├── EngineStartError      the engine exited, timed out or could not be launched
+     └── EngineBackingOff      recent starts failed; `retry_at` says when to try again
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+
+class EngineState(str, Enum):
+    STOPPED = "stopped"
+    STARTING = "starting"
+    READY = "ready"
+    STOPPING = "stopping"
+    FAILED = "failed"
+
+
+S = EngineState
+TRANSITIONS: dict[EngineState, frozenset[EngineState]] = {
+    S.STOPPED: frozenset({S.STARTING}),
+    # STARTING -> STOPPING is an operator's stop (or daemon exit) during start.
+    S.STARTING: frozenset({S.READY, S.FAILED, S.STOPPING}),
+    S.READY: frozenset({S.STOPPING}),
+    # STOPPING ends in FAILED when the stop was for a crash or an unhealthy engine.
+    S.STOPPING: frozenset({S.STOPPED, S.FAILED}),
+    S.FAILED: frozenset({S.STARTING, S.STOPPED}),
+}
+
+
+class IllegalTransition(RuntimeError):
+    pass
+
+
+def check_transition(current: EngineState, new: EngineState) -> None:
+    if new not in TRANSITIONS[current]:
+        raise IllegalTransition(f"{current.value} -> {new.value}")
+
+
+class EngineError(Exception):
+    def __init__(self, model: str, message: str) -> None:
+        super().__init__(message)
+        self.model = model
+        self.message = message
+
+
+class EngineStartError(EngineError):
+    def __init__(self, model: str, message: str, log_tail: list[str]) -> None:
+        super().__init__(model, message)
+        self.log_tail = log_tail
+
+
+class EngineBackingOff(EngineError):
+    def __init__(self, model: str, message: str, retry_at: float) -> None:
+        super().__init__(model, message)
+        self.retry_at = retry_at
+
+
+@dataclass(frozen=True)
+class EngineStatus:
+    """A snapshot for /v1/status and tests."""
+
+    name: str
+    backend: str
+    state: EngineState
+    pid: int | None
+    port: int | None
+    in_flight: int
+    starts: int
+    last_used: float | None
+    failures: int
+    last_error: str | None
+    retry_at: float | None

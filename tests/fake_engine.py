@@ -1,0 +1,287 @@
+"""A stand-in for the GPU engines: a real process serving the OpenAI API.
+
+    python tests/fake_engine.py sglang   --model-path M --host H --port P ...
+    python tests/fake_engine.py vllm     M --host H --port P ...
+    python tests/fake_engine.py llamacpp --model M --host H --port P ...
+
+Each dialect parses the real launcher's flag spellings strictly: a flag the
+real engine would not accept makes it exit 2, so the daemon's real launch
+code is what gets tested. Knobs come from the environment (a model's `env`
+in models.yaml):
+
+    FAKE_START_DELAY       seconds before the port opens
+    FAKE_WARMUP            seconds after the port opens during which /health answers 503
+    FAKE_EXIT_DURING_START exit with this code before opening the port
+    FAKE_TOKEN_DELAY       seconds between streamed tokens (default 0)
+    FAKE_TOKENS            tokens when the request has no max_tokens (default 16)
+    FAKE_CRASH_AFTER       exit hard after streaming this many tokens
+    FAKE_IGNORE_SIGTERM    1: ignore SIGTERM (only SIGKILL ends it)
+    FAKE_HANG              "start": never become ready; "request": never answer requests
+    FAKE_CHILDREN          spawn this many child processes (they ignore SIGTERM too if asked)
+
+`GET /fake/stats` reports requests seen, in flight, the most ever in flight,
+and streams cancelled by the client.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+from aiohttp import web
+
+
+def _bool(value: str) -> bool:
+    if value.lower() in ("true", "1", "yes"):
+        return True
+    if value.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"not a boolean: {value}")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="fake_engine")
+    dialects = p.add_subparsers(dest="dialect", required=True)
+
+    sg = dialects.add_parser("sglang")
+    sg.add_argument("--model-path", required=True)
+    sg.add_argument("--host", default="127.0.0.1")
+    sg.add_argument("--port", type=int, default=30000)
+    sg.add_argument("--served-model-name")
+    sg.add_argument("--max-running-requests", type=int)
+    sg.add_argument("--max-total-tokens", type=int)
+    sg.add_argument("--mem-fraction-static", type=float)
+    sg.add_argument("--tp-size", type=int)
+    sg.add_argument("--quantization", choices=["awq", "gptq", "fp8"])
+    sg.add_argument("--is-embedding", action="store_true")
+    sg.add_argument("--api-key")
+    sg.add_argument("--context-length", type=int)
+    sg.add_argument("--enable-metrics", action="store_true")
+
+    vl = dialects.add_parser("vllm")
+    vl.add_argument("model")
+    vl.add_argument("--host")
+    vl.add_argument("--port", type=int, default=8000)
+    vl.add_argument("--served-model-name", nargs="+")
+    vl.add_argument("-q", "--quantization", choices=["awq", "gptq", "fp8"])
+    vl.add_argument("--runner", choices=["auto", "generate", "pooling"])
+    vl.add_argument("--convert", choices=["auto", "none", "embed", "classify"])
+    vl.add_argument("-tp", "--tensor-parallel-size", type=int)
+    vl.add_argument("--api-key")
+    vl.add_argument("--max-num-seqs", type=int)
+    vl.add_argument("--gpu-memory-utilization", type=float)
+    vl.add_argument("--max-model-len", type=int)
+
+    lc = dialects.add_parser("llamacpp")
+    lc.add_argument("--model", required=True)
+    lc.add_argument("--model_alias")
+    lc.add_argument("--host", default="localhost")
+    lc.add_argument("--port", type=int, default=8000)
+    lc.add_argument("--interrupt_requests", type=_bool, default=True)
+    lc.add_argument("--embedding", type=_bool, default=False)
+    lc.add_argument("--api_key")
+    lc.add_argument("--n_ctx", type=int)
+    lc.add_argument("--n_threads", type=int)
+    lc.add_argument("--chat_format")
+    return p.parse_args(argv)
+
+
+class Knobs:
+    def __init__(self, env: dict[str, str]) -> None:
+        self.start_delay = float(env.get("FAKE_START_DELAY", "0"))
+        self.warmup = float(env.get("FAKE_WARMUP", "0"))
+        self.exit_during_start = env.get("FAKE_EXIT_DURING_START")
+        self.token_delay = float(env.get("FAKE_TOKEN_DELAY", "0"))
+        self.tokens = int(env.get("FAKE_TOKENS", "16"))
+        self.crash_after = int(env["FAKE_CRASH_AFTER"]) if "FAKE_CRASH_AFTER" in env else None
+        self.ignore_sigterm = env.get("FAKE_IGNORE_SIGTERM") == "1"
+        self.hang = env.get("FAKE_HANG", "")
+        self.children = int(env.get("FAKE_CHILDREN", "0"))
+
+
+class FakeEngine:
+    def __init__(self, args: argparse.Namespace, knobs: Knobs) -> None:
+        self.args = args
+        self.knobs = knobs
+        self.name = self._served_name(args)
+        self.api_key = getattr(args, "api_key", None)
+        self.ready_at = time.monotonic() + knobs.warmup
+        self.stats = {"requests": 0, "in_flight": 0, "max_in_flight": 0, "cancelled": 0}
+        self.tokens_sent = 0
+
+    @staticmethod
+    def _served_name(args: argparse.Namespace) -> str:
+        if args.dialect == "sglang":
+            return str(args.served_model_name or args.model_path)
+        if args.dialect == "vllm":
+            return str(args.served_model_name[0] if args.served_model_name else args.model)
+        return str(args.model_alias or args.model)
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[self._auth])
+        r = app.router
+        for path in ("/health", "/health_generate", "/ready"):
+            r.add_get(path, self.health)
+        r.add_get("/openapi.json", self.openapi)
+        r.add_get("/v1/models", self.models)
+        r.add_get("/fake/stats", self.get_stats)
+        r.add_post("/v1/completions", self.completions)
+        r.add_post("/v1/chat/completions", self.completions)
+        r.add_post("/v1/embeddings", self.embeddings)
+        r.add_post("/v1/rerank", self.rerank)
+        r.add_post("/flush_cache", self.flush_cache)
+        return app
+
+    @web.middleware
+    async def _auth(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        if self.api_key and request.path.startswith("/v1/"):
+            if request.headers.get("Authorization") != f"Bearer {self.api_key}":
+                return web.json_response({"error": "unauthorized"}, status=401)
+        if self.knobs.hang == "request" and request.path.startswith("/v1/"):
+            await asyncio.Event().wait()
+        return await handler(request)  # type: ignore[no-any-return]
+
+    async def health(self, request: web.Request) -> web.Response:
+        if self.knobs.hang == "start" or time.monotonic() < self.ready_at:
+            return web.Response(status=503, text="warming up")
+        return web.Response(text="ok")
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        return web.json_response({"openapi": "3.1.0", "info": {"title": "fake"}})
+
+    async def models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": self.name, "object": "model"}]})
+
+    async def get_stats(self, request: web.Request) -> web.Response:
+        return web.json_response(self.stats)
+
+    async def flush_cache(self, request: web.Request) -> web.Response:
+        return web.Response(text="cache flushed")
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        chat = request.path.endswith("/chat/completions")
+        n = int(body.get("max_tokens") or self.knobs.tokens)
+        self.stats["requests"] += 1
+        self.stats["in_flight"] += 1
+        self.stats["max_in_flight"] = max(self.stats["max_in_flight"], self.stats["in_flight"])
+        try:
+            if body.get("stream"):
+                return await self._stream(request, body, chat, n)
+            for _ in range(n):
+                await self._emit_token()
+            return web.json_response(self._completion(body, chat, n))
+        finally:
+            self.stats["in_flight"] -= 1
+
+    async def _emit_token(self) -> None:
+        if self.knobs.token_delay:
+            await asyncio.sleep(self.knobs.token_delay)
+        self.tokens_sent += 1
+        if self.knobs.crash_after is not None and self.tokens_sent > self.knobs.crash_after:
+            os._exit(1)
+
+    def _completion(self, body: dict[str, Any], chat: bool, n: int) -> dict[str, Any]:
+        text = " ".join(f"tok{i}" for i in range(n))
+        choice: dict[str, Any] = {"index": 0, "finish_reason": "length"}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": text}
+        else:
+            choice["text"] = text
+        return {
+            "id": "cmpl-fake",
+            "object": "chat.completion" if chat else "text_completion",
+            "created": int(time.time()),
+            "model": body.get("model", self.name),
+            "choices": [choice],
+            "usage": {"prompt_tokens": 4, "completion_tokens": n, "total_tokens": 4 + n},
+        }
+
+    async def _stream(self, request: web.Request, body: dict[str, Any], chat: bool, n: int) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await resp.prepare(request)
+        try:
+            for i in range(n):
+                await self._emit_token()
+                delta: dict[str, Any] = {"content": f"tok{i} "} if chat else {}
+                choice: dict[str, Any] = {"index": 0, "finish_reason": None}
+                choice.update({"delta": delta} if chat else {"text": f"tok{i} "})
+                chunk = {
+                    "id": "cmpl-fake",
+                    "object": "chat.completion.chunk" if chat else "text_completion",
+                    "created": int(time.time()),
+                    "model": body.get("model", self.name),
+                    "choices": [choice],
+                }
+                await resp.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+            await resp.write(b"data: [DONE]\n\n")
+        except (ConnectionResetError, asyncio.CancelledError):
+            self.stats["cancelled"] += 1
+            raise
+        return resp
+
+    async def embeddings(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        inputs = body.get("input", "")
+        items = inputs if isinstance(inputs, list) else [inputs]
+        data = [
+            {"object": "embedding", "index": i, "embedding": [float(len(str(x)) % 7), 0.5, -0.25, 1.0]}
+            for i, x in enumerate(items)
+        ]
+        return web.json_response({"object": "list", "data": data, "model": body.get("model", self.name),
+                                  "usage": {"prompt_tokens": len(items), "total_tokens": len(items)}})
+
+    async def rerank(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        docs = body.get("documents", [])
+        results = [{"index": i, "relevance_score": 1.0 / (i + 1)} for i in range(len(docs))]
+        return web.json_response({"results": results, "model": body.get("model", self.name)})
+
+
+def spawn_children(count: int, ignore_sigterm: bool) -> list[subprocess.Popen[bytes]]:
+    code = "import signal, time\n"
+    if ignore_sigterm:
+        code += "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+    code += "time.sleep(3600)\n"
+    return [subprocess.Popen([sys.executable, "-c", code]) for _ in range(count)]
+
+
+async def serve(engine: FakeEngine, host: str, port: int) -> None:
+    runner = web.AppRunner(engine.app(), access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, reuse_address=True)
+    await site.start()
+    print(f"fake engine '{engine.name}' ({engine.args.dialect}) serving on {host}:{port}", flush=True)
+    stop = asyncio.Event()
+    if not engine.knobs.ignore_sigterm:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    await stop.wait()
+    print("fake engine: SIGTERM, shutting down", flush=True)
+    await runner.cleanup()
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    knobs = Knobs(dict(os.environ))
+    if knobs.ignore_sigterm:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    print(f"fake engine starting: {' '.join(argv)}", flush=True)
+    spawn_children(knobs.children, knobs.ignore_sigterm)
+    if knobs.exit_during_start is not None:
+        print("fake engine: failing during start as asked (FAKE_EXIT_DURING_START)", flush=True)
+        return int(knobs.exit_during_start)
+    time.sleep(knobs.start_delay)
+    host = args.host or "0.0.0.0"
+    asyncio.run(serve(FakeEngine(args, knobs), host, args.port))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
