@@ -38,7 +38,5 @@ def engine_base_env(source: Mapping[str, str] | None = None) -> dict[str, str]:
     """The allow-listed part of `source` (the daemon's environment by default)."""
     env = os.environ if source is None else source
     return {
-        key: value
-        for key, value in env.items()
-        if key in PASSED_NAMES or key.startswith(PASSED_PREFIXES)
+        key: value for key, value in env.items() if key in PASSED_NAMES or key.startswith(PASSED_PREFIXES)
     }

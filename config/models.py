@@ -134,14 +134,12 @@ def parse_registry(raw: object, source: Path) -> Registry:
     if problems:
         raise ConfigError(source, problems)
     disabled = {
-        m.name: reason
-        for m in parsed.models
-        if (reason := format_problem(m.backend, m.format)) is not None
+        m.name: reason for m in parsed.models if (reason := format_problem(m.backend, m.format)) is not None
     }
     return Registry(
         source=source,
         models={m.name: m for m in parsed.models},
-        engines=dict(parsed.engines),
+        engines={str(k): v for k, v in parsed.engines.items()},
         disabled=disabled,
     )
 
@@ -181,7 +179,9 @@ def _cross_check(models: Sequence[ModelSpec]) -> list[str]:
                 problems.append(f"{label}: port: {m.port} is also used by models[{j}] '{models[j].name}'")
             first_by_port.setdefault(m.port, i)
         if m.execution_mode not in SUPPORTED_DEVICES[m.backend]:
-            problems.append(f"{label}: execution_mode: backend '{m.backend}' cannot run on {m.execution_mode}")
+            problems.append(
+                f"{label}: execution_mode: backend '{m.backend}' cannot run on {m.execution_mode}"
+            )
         if m.type not in SUPPORTED_TYPES[m.backend]:
             problems.append(f"{label}: type: backend '{m.backend}' cannot serve '{m.type}' models")
         if m.backend == "sglang" and ":" in m.served_name:

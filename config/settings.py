@@ -7,6 +7,7 @@ process supervisor needs; they are documented in the README.
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import Literal
 
@@ -54,6 +55,17 @@ class Settings(BaseSettings):
     # SIGTERM -> this many seconds -> SIGKILL for an engine's process group.
     stop_grace_period: float = Field(10.0, ge=0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    # How to launch each engine when models.yaml has no `engines:` entry for
+    # it (shell-style strings, e.g. "/opt/sglang/bin/python -m sglang.launch_server").
+    # Unset: the engine's module run by this daemon's own Python.
+    sglang_command: str | None = None
+    vllm_command: str | None = None
+    llamacpp_command: str | None = None
+
+    def engine_command(self, backend: str) -> tuple[str, ...] | None:
+        value: str | None = getattr(self, f"{backend}_command")
+        return tuple(shlex.split(value)) if value else None
 
     @property
     def run_dir(self) -> Path:

@@ -36,7 +36,15 @@ from lifecycle.model_files import ModelFileError, ModelFiles
 from lifecycle.pidrecords import PidRecords
 from lifecycle.ports import free_port
 from lifecycle.probe import Prober
-from lifecycle.process import LogTail, descendants, kill_group_now, pump_output, spawn, terminate_group
+from lifecycle.process import (
+    LogTail,
+    Spawned,
+    descendants,
+    kill_group_now,
+    pump_output,
+    spawn,
+    terminate_group,
+)
 from lifecycle.state import (
     EngineBackingOff,
     EngineStartError,
@@ -106,6 +114,7 @@ class Engine:
         self._transition: asyncio.Task[None] | None = None
         self._abort = asyncio.Event()
         self._proc: asyncio.subprocess.Process | None = None
+        self._spawned: Spawned | None = None
         self._exited: asyncio.Task[int] | None = None
         self._pump: asyncio.Task[None] | None = None
         self._port: int | None = None
@@ -333,12 +342,13 @@ class Engine:
         )
         launch = self.backend.launch(self.spec, ctx)
         try:
-            self._proc = await spawn(launch.argv, launch.env, self.log)
+            self._spawned = await spawn(launch.argv, launch.env, self.log)
         except OSError as exc:
             self.log.write(f"=== could not launch: {exc}")
             raise self._start_error(f"could not launch '{launch.argv[0]}': {exc}") from exc
+        self._proc = self._spawned.proc
         self._services.pid_records.write(self.name, self._proc.pid)
-        self._pump = asyncio.get_running_loop().create_task(pump_output(self._proc, self.log))
+        self._pump = asyncio.get_running_loop().create_task(pump_output(self._spawned.output, self.log))
         self._exited = asyncio.get_running_loop().create_task(self._proc.wait())
 
     async def _await_ready(self, deadline: float, timeout: float) -> None:
@@ -375,8 +385,10 @@ class Engine:
         if self._exited is exited and self._state is EngineState.READY and self._transition is None:
             await self._drain_output()
             reason = f"engine exited unexpectedly with code {code}"
-            tail = self.log.tail(ERROR_TAIL_LINES)
-            self._begin(self._run_stop(EngineState.FAILED, reason + ("; last output: " + tail[-1] if tail else "")))
+            tail = self.log.tail(1)
+            if tail:
+                reason += f"; last output: {tail[-1]}"
+            self._begin(self._run_stop(EngineState.FAILED, reason))
 
     async def _run_stop(self, final: EngineState, reason: str | None) -> None:
         self._set(EngineState.STOPPING)
@@ -397,9 +409,13 @@ class Engine:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(proc.wait(), 5.0)
             self._services.pid_records.remove(self.name, proc.pid)
+            await self._drain_output()  # the group is gone: its last lines are in the pipe
             self.log.write(f"=== exited with code {proc.returncode}")
         if self._pump is not None:
             self._pump.cancel()
             self._pump = None
+        if self._spawned is not None:
+            self._spawned.close_output()
+            self._spawned = None
         self._exited = None
         self._port = None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 
 def nvml_gpu_count() -> int:
     try:
@@ -17,7 +19,5 @@ def nvml_gpu_count() -> int:
     except pynvml.NVMLError:
         return 0
     finally:
-        try:
+        with contextlib.suppress(pynvml.NVMLError):
             pynvml.nvmlShutdown()
-        except pynvml.NVMLError:
-            pass

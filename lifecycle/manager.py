@@ -13,7 +13,7 @@ import contextlib
 import logging
 
 from backends.registry import backend_for
-from config.models import Registry
+from config.models import EngineOverride, Registry
 from config.settings import Settings
 from lifecycle.engine import Engine, EngineServices
 from lifecycle.model_files import ModelFiles
@@ -39,11 +39,18 @@ class EngineManager:
             log_dir=settings.log_dir,
         )
         self.engines: dict[str, Engine] = {
-            name: Engine(spec, backend_for(spec.backend), services, registry.engines.get(spec.backend))
+            name: Engine(spec, backend_for(spec.backend), services, self._override(spec.backend))
             for name, spec in registry.models.items()
         }
         self._monitor: asyncio.Task[None] | None = None
         self._misses: dict[str, int] = {}
+
+    def _override(self, backend: str) -> EngineOverride | None:
+        """models.yaml `engines:` first, then the <BACKEND>_COMMAND setting."""
+        if backend in self.registry.engines:
+            return self.registry.engines[backend]
+        command = self.settings.engine_command(backend)
+        return EngineOverride(command=command) if command else None
 
     def get(self, name: str) -> Engine | None:
         return self.engines.get(name)
@@ -86,7 +93,7 @@ class EngineManager:
             await asyncio.sleep(interval)
             ready = [e for e in self.engines.values() if e.state is EngineState.READY]
             results = await asyncio.gather(*(self._probe(e, interval) for e in ready))
-            for engine, ok in zip(ready, results):
+            for engine, ok in zip(ready, results, strict=True):
                 self._note(engine, ok)
 
     async def _probe(self, engine: Engine, interval: float) -> bool:

@@ -35,7 +35,7 @@ class ModelFiles:
         """A path or id the engine can open. Blocking: call it in a thread."""
         if not model_path.startswith(PYPI_SCHEME):
             return os.path.expanduser(model_path)
-        dist = model_path[len(PYPI_SCHEME):]
+        dist = model_path[len(PYPI_SCHEME) :]
         module_name = dist.replace("-", "_")
         try:
             module = importlib.import_module(module_name)

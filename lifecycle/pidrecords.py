@@ -95,7 +95,9 @@ class PidRecords:
             if record is not None and group_members(record.pgid, not_before=record.create_time):
                 log.warning(
                     "reaping engine '%s' (pid %d) left by a daemon that died (pid %d)",
-                    record.model, record.pid, record.daemon_pid,
+                    record.model,
+                    record.pid,
+                    record.daemon_pid,
                 )
                 await terminate_group(record.pgid, grace, not_before=record.create_time)
                 reaped.append(record)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import aiohttp
 
 
@@ -29,7 +27,7 @@ class Prober:
                 url, headers=headers, timeout=aiohttp.ClientTimeout(total=timeout)
             ) as resp:
                 return 200 <= resp.status < 300
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+        except (TimeoutError, aiohttp.ClientError, OSError):
             return False
 
     async def close(self) -> None:

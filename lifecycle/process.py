@@ -41,27 +41,59 @@ class LogTail:
         return list(self._lines)[-n:] if n > 0 else []
 
 
-async def spawn(argv: Sequence[str], env: Mapping[str, str], log: LogTail) -> asyncio.subprocess.Process:
-    """Start `argv` as the leader of a new session, its output into `log`."""
+class Spawned:
+    """A started engine: the process, and the read end of its output pipe.
+
+    The pipe is ours, not asyncio's subprocess transport's: in Python 3.11
+    `Process.wait()` does not return until every pipe the transport owns is
+    closed, and an engine's children inherit its stdout — so a crashed
+    engine with a live child would never be seen to exit.
+    """
+
+    def __init__(
+        self, proc: asyncio.subprocess.Process, output: asyncio.StreamReader, transport: asyncio.ReadTransport
+    ) -> None:
+        self.proc = proc
+        self.output = output
+        self._transport = transport
+
+    def close_output(self) -> None:
+        self._transport.close()
+
+
+async def spawn(argv: Sequence[str], env: Mapping[str, str], log: LogTail) -> Spawned:
+    """Start `argv` as the leader of a new session, its output into a pipe we read."""
     log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} starting: {' '.join(argv)}")
-    return await asyncio.create_subprocess_exec(
-        *argv,
-        env=dict(env),
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-        start_new_session=True,
+    read_fd, write_fd = os.pipe()
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            env=dict(env),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=write_fd,
+            stderr=write_fd,
+            start_new_session=True,
+        )
+    except BaseException:
+        os.close(read_fd)
+        raise
+    finally:
+        os.close(write_fd)
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=1 << 20)
+    transport, _ = await loop.connect_read_pipe(
+        lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(read_fd, "rb", buffering=0)
     )
+    return Spawned(proc, reader, transport)
 
 
-async def pump_output(proc: asyncio.subprocess.Process, log: LogTail) -> None:
+async def pump_output(output: asyncio.StreamReader, log: LogTail) -> None:
     """Copy the engine's output into its log until the pipe closes."""
-    assert proc.stdout is not None
     while True:
         try:
-            raw = await proc.stdout.readline()
+            raw = await output.readline()
         except ValueError:  # a line longer than the stream limit: take what is there
-            raw = await proc.stdout.read(64 * 1024)
+            raw = await output.read(64 * 1024)
         if not raw:
             return
         log.write(raw.decode("utf-8", errors="replace").rstrip("\r\n"))

@@ -18,10 +18,10 @@ Errors (all are `EngineError`; the API maps them to MODEL_UNAVAILABLE):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 
-class EngineState(str, Enum):
+class EngineState(StrEnum):
     STOPPED = "stopped"
     STARTING = "starting"
     READY = "ready"

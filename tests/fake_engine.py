@@ -141,9 +141,9 @@ class FakeEngine:
 
     @web.middleware
     async def _auth(self, request: web.Request, handler: Any) -> web.StreamResponse:
-        if self.api_key and request.path.startswith("/v1/"):
-            if request.headers.get("Authorization") != f"Bearer {self.api_key}":
-                return web.json_response({"error": "unauthorized"}, status=401)
+        authorized = request.headers.get("Authorization") == f"Bearer {self.api_key}"
+        if self.api_key and request.path.startswith("/v1/") and not authorized:
+            return web.json_response({"error": "unauthorized"}, status=401)
         if self.knobs.hang == "request" and request.path.startswith("/v1/"):
             await asyncio.Event().wait()
         return await handler(request)  # type: ignore[no-any-return]
@@ -204,7 +204,9 @@ class FakeEngine:
             "usage": {"prompt_tokens": 4, "completion_tokens": n, "total_tokens": 4 + n},
         }
 
-    async def _stream(self, request: web.Request, body: dict[str, Any], chat: bool, n: int) -> web.StreamResponse:
+    async def _stream(
+        self, request: web.Request, body: dict[str, Any], chat: bool, n: int
+    ) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await resp.prepare(request)
         try:
@@ -235,8 +237,14 @@ class FakeEngine:
             {"object": "embedding", "index": i, "embedding": [float(len(str(x)) % 7), 0.5, -0.25, 1.0]}
             for i, x in enumerate(items)
         ]
-        return web.json_response({"object": "list", "data": data, "model": body.get("model", self.name),
-                                  "usage": {"prompt_tokens": len(items), "total_tokens": len(items)}})
+        return web.json_response(
+            {
+                "object": "list",
+                "data": data,
+                "model": body.get("model", self.name),
+                "usage": {"prompt_tokens": len(items), "total_tokens": len(items)},
+            }
+        )
 
     async def rerank(self, request: web.Request) -> web.Response:
         body = await request.json()

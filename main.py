@@ -1,0 +1,65 @@
+"""Entry point: settings -> registry -> engine manager -> app -> uvicorn.
+
+`python main.py` serves config/models.yaml (or MODELS_CONFIG_PATH) on
+ROUTER_HOST:ROUTER_PORT. SIGTERM/SIGINT stop the server, then every engine
+process group; a bad models.yaml stops the daemon before it binds, exit 2.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import uvicorn
+
+from api.app import create_app
+from api.context import AppContext
+from config.environment import engine_base_env
+from config.models import ConfigError, load_registry
+from config.settings import Settings, resolve_execution_mode
+from lifecycle.gpus import nvml_gpu_count
+from lifecycle.manager import EngineManager
+
+log = logging.getLogger("unified_inference")
+
+
+def build(settings: Settings) -> AppContext:
+    registry = load_registry(settings.models_config_path)
+    for name, reason in registry.disabled.items():
+        log.warning("%s: model '%s' is disabled: %s", registry.source, name, reason)
+    mode = resolve_execution_mode(settings.execution_mode, nvml_gpu_count())
+    manager = EngineManager(registry, settings, engine_base_env())
+    return AppContext(settings=settings, registry=registry, manager=manager, execution_mode=mode)
+
+
+def main() -> int:
+    settings = Settings()
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        ctx = build(settings)
+    except ConfigError as exc:
+        print(f"unified-inference: invalid model registry:\n{exc}", file=sys.stderr)
+        return 2
+    log.info(
+        "serving %d model(s) from %s in %s mode on %s:%d",
+        len(ctx.registry.models),
+        ctx.registry.source,
+        ctx.execution_mode,
+        settings.router_host,
+        settings.router_port,
+    )
+    config = uvicorn.Config(
+        create_app(ctx),
+        host=settings.router_host,
+        port=settings.router_port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=max(1, round(settings.stop_grace_period)),
+    )
+    uvicorn.Server(config).run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

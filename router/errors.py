@@ -1,0 +1,109 @@
+"""Every failure a client can see, in one JSON shape the OpenAI SDK reads.
+
+    RouterError                      {"error": {"code", "type", "message", ...}}
+     ├── ModelRequired          400  MODEL_REQUIRED
+     ├── InvalidRequest         400  INVALID_JSON, INVALID_BODY (malformed or non-object body)
+     ├── NotFound               404  NOT_FOUND (no such route)
+     ├── ModelNotFound          404  MODEL_NOT_FOUND (+ available_models, install_endpoint)
+     ├── MethodNotAllowed       405  METHOD_NOT_ALLOWED
+     ├── PayloadTooLarge        413  REQUEST_TOO_LARGE
+     ├── FormatNotSupported     422  FORMAT_NOT_SUPPORTED
+     ├── GpuOverloaded          429  GPU_OVERLOADED (+ Retry-After)
+     ├── BackendUnavailable     502  BACKEND_UNAVAILABLE (connection to the engine failed or broke)
+     ├── ModelUnavailable       503  MODEL_UNAVAILABLE (start failed, backing off, or wrong mode)
+     └── BackendTimeout         504  BACKEND_TIMEOUT
+
+Lifecycle and HTTP-client exceptions are translated into these once, where
+they are caught (the proxy and the selection step), with `raise ... from`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any, ClassVar
+
+INSTALL_ENDPOINT = "/v1/models/install"
+
+
+class RouterError(Exception):
+    status: ClassVar[int] = 500
+    code: ClassVar[str] = "INTERNAL_ERROR"
+    type: ClassVar[str] = "server_error"
+
+    def __init__(self, message: str, *, retry_after: float | None = None, **extra: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after = retry_after
+        self.extra = extra
+
+    def headers(self) -> dict[str, str]:
+        if self.retry_after is None:
+            return {}
+        return {"Retry-After": str(max(1, math.ceil(self.retry_after)))}
+
+    def body(self) -> dict[str, Any]:
+        error = {"code": self.code, "type": self.type, "message": self.message, **self.extra}
+        return {"error": error}
+
+    def json_bytes(self) -> bytes:
+        return json.dumps(self.body()).encode()
+
+    def sse_event(self) -> bytes:
+        """The error as one SSE event, for a stream that has already begun."""
+        return b"event: error\ndata: " + self.json_bytes() + b"\n\n"
+
+
+class ModelRequired(RouterError):
+    status, code, type = 400, "MODEL_REQUIRED", "invalid_request_error"
+
+
+class InvalidRequest(RouterError):
+    status, code, type = 400, "INVALID_BODY", "invalid_request_error"
+
+
+class InvalidJson(InvalidRequest):
+    code = "INVALID_JSON"
+
+
+class NotFound(RouterError):
+    status, code, type = 404, "NOT_FOUND", "invalid_request_error"
+
+
+class ModelNotFound(RouterError):
+    status, code, type = 404, "MODEL_NOT_FOUND", "invalid_request_error"
+
+    def __init__(self, model: str, available: list[str]) -> None:
+        super().__init__(
+            f"Model '{model}' is not registered",
+            available_models=available,
+            install_endpoint=INSTALL_ENDPOINT,
+        )
+
+
+class MethodNotAllowed(RouterError):
+    status, code, type = 405, "METHOD_NOT_ALLOWED", "invalid_request_error"
+
+
+class PayloadTooLarge(RouterError):
+    status, code, type = 413, "REQUEST_TOO_LARGE", "invalid_request_error"
+
+
+class FormatNotSupported(RouterError):
+    status, code, type = 422, "FORMAT_NOT_SUPPORTED", "invalid_request_error"
+
+
+class GpuOverloaded(RouterError):
+    status, code, type = 429, "GPU_OVERLOADED", "rate_limit_error"
+
+
+class BackendUnavailable(RouterError):
+    status, code, type = 502, "BACKEND_UNAVAILABLE", "api_error"
+
+
+class ModelUnavailable(RouterError):
+    status, code, type = 503, "MODEL_UNAVAILABLE", "api_error"
+
+
+class BackendTimeout(RouterError):
+    status, code, type = 504, "BACKEND_TIMEOUT", "timeout_error"
