@@ -9,10 +9,13 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Route
 
 from api.context import AppContext
 from api.control import router as control_router
+from api.inference import INFERENCE_PATHS, InferenceEndpoint
 from router.errors import InvalidRequest, MethodNotAllowed, NotFound, RouterError
+from router.proxy import Timeouts, Upstream
 
 
 def error_response(exc: RouterError) -> Response:
@@ -45,12 +48,18 @@ async def _validation_error(request: Request, exc: Exception) -> Response:
 
 
 def create_app(ctx: AppContext) -> FastAPI:
+    upstream = Upstream(
+        Timeouts(connect=ctx.settings.backend_connect_timeout, read=ctx.settings.backend_read_timeout)
+    )
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await ctx.manager.start()
+        await upstream.start()
         try:
             yield
         finally:
+            await upstream.close()
             await ctx.manager.shutdown()
 
     app = FastAPI(title="unified-inference", lifespan=lifespan)
@@ -59,4 +68,7 @@ def create_app(ctx: AppContext) -> FastAPI:
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.include_router(control_router)
+    # Raw ASGI endpoints: no Request object, no middleware, errors in our shape.
+    for path in INFERENCE_PATHS:
+        app.router.routes.append(Route(path, InferenceEndpoint(ctx, upstream, path), methods=["POST"]))
     return app

@@ -47,6 +47,13 @@ class Settings(BaseSettings):
     health_check_failures: int = Field(3, ge=1)
     startup_timeout: float = Field(120.0, gt=0)
 
+    # Data plane: seconds to connect to an engine, seconds of engine silence
+    # (before the first byte or between chunks) before BACKEND_TIMEOUT, and
+    # the largest request body accepted (413 REQUEST_TOO_LARGE above it).
+    backend_connect_timeout: float = Field(10.0, gt=0)
+    backend_read_timeout: float = Field(600.0, gt=0)
+    max_request_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+
     enable_cpu_offload: bool = True
     offload_queue_threshold: int = Field(3, ge=1)
 

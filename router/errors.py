@@ -2,7 +2,8 @@
 
     RouterError                      {"error": {"code", "type", "message", ...}}
      ├── ModelRequired          400  MODEL_REQUIRED
-     ├── InvalidRequest         400  INVALID_JSON, INVALID_BODY (malformed or non-object body)
+     ├── InvalidRequest         400  INVALID_JSON, INVALID_BODY (malformed or non-object body),
+     │                               ENDPOINT_NOT_SUPPORTED (e.g. chat with an embedding model)
      ├── NotFound               404  NOT_FOUND (no such route)
      ├── ModelNotFound          404  MODEL_NOT_FOUND (+ available_models, install_endpoint)
      ├── MethodNotAllowed       405  METHOD_NOT_ALLOWED
@@ -64,6 +65,10 @@ class InvalidRequest(RouterError):
 
 class InvalidJson(InvalidRequest):
     code = "INVALID_JSON"
+
+
+class EndpointNotSupported(InvalidRequest):
+    code = "ENDPOINT_NOT_SUPPORTED"
 
 
 class NotFound(RouterError):

@@ -1,0 +1,183 @@
+"""The proxied inference routes, as raw ASGI endpoints (the hot path).
+
+Each request: read the body (bounded) → parse it once → pick the target
+(router.policy) → take a lease on that engine → ensure it is ready →
+forward (router.proxy). The lease is taken in the same event-loop step as
+the decision, so concurrent requests see each other's load, and it is
+released after the last byte. While forwarding, a watcher listens for the
+client's `http.disconnect` and cancels the upstream request at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from api.context import AppContext
+from config.models import ModelSpec
+from lifecycle.engine import Engine
+from lifecycle.state import EngineError
+from router.errors import (
+    EndpointNotSupported,
+    InvalidJson,
+    InvalidRequest,
+    ModelNotFound,
+    ModelRequired,
+    ModelUnavailable,
+    PayloadTooLarge,
+    RouterError,
+)
+from router.policy import choose_route
+from router.proxy import Rename, Send, Upstream
+
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+
+# Proxied path -> the model types that serve it.
+INFERENCE_PATHS: dict[str, frozenset[str]] = {
+    "/v1/completions": frozenset({"llm"}),
+    "/v1/chat/completions": frozenset({"llm"}),
+    "/v1/embeddings": frozenset({"embedding"}),
+    "/v1/rerank": frozenset({"reranker"}),
+    "/v1/score": frozenset({"reranker"}),
+}
+
+
+async def send_error(send: Send, exc: RouterError) -> None:
+    body = exc.json_bytes()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers += [(k.lower().encode(), v.encode()) for k, v in exc.headers().items()]
+    await send({"type": "http.response.start", "status": exc.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
+    for name, value in scope["headers"]:
+        if name == b"content-length" and value.isdigit() and int(value) > limit:
+            raise PayloadTooLarge(f"Request body is over the {limit}-byte limit")
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise asyncio.CancelledError  # nobody is left to answer
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"Request body is over the {limit}-byte limit")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def parse_payload(body: bytes) -> tuple[dict[str, Any], str]:
+    """The JSON object and its `model`; raise the client's error otherwise."""
+    try:
+        payload = json.loads(body)
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        raise InvalidJson(f"Request body is not valid JSON: {exc}") from exc
+    if not isinstance(payload, dict):
+        raise InvalidRequest("Request body must be a JSON object")
+    model = payload.get("model")
+    if model is None or model == "":
+        raise ModelRequired('Every request must name a model: add "model" to the JSON body')
+    if not isinstance(model, str):
+        raise InvalidRequest('"model" must be a string')
+    return payload, model
+
+
+async def _watch_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+class InferenceEndpoint:
+    """ASGI app for one proxied path."""
+
+    def __init__(self, ctx: AppContext, upstream: Upstream, path: str) -> None:
+        self.ctx = ctx
+        self.upstream = upstream
+        self.path = path
+        self.types = INFERENCE_PATHS[path]
+        self._renames: dict[tuple[str, str], Rename] = {}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            body = await read_body(scope, receive, self.ctx.settings.max_request_body_bytes)
+            payload, requested = parse_payload(body)
+            spec = self._spec(requested)
+            engine = self._select(spec)
+            lease = engine.acquire()  # same event-loop step as the decision
+        except RouterError as exc:
+            await send_error(send, exc)
+            return
+        except asyncio.CancelledError:
+            return  # the client left before its request was read
+        with lease:
+            forward = asyncio.ensure_future(self._forward(send, engine.spec, requested, payload, body))
+            watcher = asyncio.ensure_future(_watch_disconnect(receive))
+            await asyncio.wait({forward, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            if not forward.done():  # the client went away: cancel the upstream request
+                forward.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await forward
+                return
+            watcher.cancel()
+            error = forward.exception()
+            if isinstance(error, RouterError):
+                await send_error(send, error)
+            elif error is not None:
+                raise error
+
+    def _spec(self, requested: str) -> ModelSpec:
+        spec = self.ctx.registry.models.get(requested)
+        if spec is None:
+            raise ModelNotFound(requested, self.ctx.registry.names)
+        if spec.type not in self.types:
+            raise EndpointNotSupported(
+                f"Model '{requested}' is a {spec.type} model; {self.path} serves "
+                f"{' or '.join(sorted(self.types))} models"
+            )
+        return spec
+
+    def _select(self, spec: ModelSpec) -> Engine:
+        engines = self.ctx.manager.engines
+        route = choose_route(
+            spec,
+            policy=self.ctx.policy,
+            disabled=self.ctx.registry.disabled,
+            in_flight={spec.name: engines[spec.name].in_flight},
+        )
+        return engines[route.target]
+
+    async def _forward(
+        self, send: Send, target: ModelSpec, requested: str, payload: dict[str, Any], body: bytes
+    ) -> None:
+        engine = self.ctx.manager.engines[target.name]
+        try:
+            base_url = await engine.ensure_ready()
+        except EngineError as exc:
+            raise ModelUnavailable(exc.message) from exc
+        served = target.served_name
+        if served != requested:
+            payload["model"] = served
+            body = json.dumps(payload).encode()
+        await self.upstream.forward(
+            send,
+            url=base_url + self.path,
+            body=body,
+            headers={"Content-Type": "application/json"},
+            extra_headers=[(b"x-served-model", target.name.encode())],
+            rename=self._rename(served, requested),
+        )
+
+    def _rename(self, served: str, requested: str) -> Rename | None:
+        if served == requested:
+            return None
+        key = (served, requested)
+        if key not in self._renames:
+            self._renames[key] = Rename.of(served, requested)
+        return self._renames[key]
