@@ -13,6 +13,7 @@ from starlette.routing import Route
 
 from api.context import AppContext
 from api.control import router as control_router
+from api.dispatch import Dispatcher
 from api.inference import INFERENCE_PATHS, InferenceEndpoint
 from router.errors import InvalidRequest, MethodNotAllowed, NotFound, RouterError
 from router.proxy import Timeouts, Upstream
@@ -47,7 +48,8 @@ async def _validation_error(request: Request, exc: Exception) -> Response:
     return error_response(InvalidRequest(f"{where}: {first.get('msg', 'invalid request')}"))
 
 
-def create_app(ctx: AppContext) -> FastAPI:
+def create_app(ctx: AppContext) -> Dispatcher:
+    """The FastAPI app (control plane, errors, lifespan) behind the inference fast path."""
     upstream = Upstream(
         Timeouts(connect=ctx.settings.backend_connect_timeout, read=ctx.settings.backend_read_timeout)
     )
@@ -69,6 +71,7 @@ def create_app(ctx: AppContext) -> FastAPI:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.include_router(control_router)
     # Raw ASGI endpoints: no Request object, no middleware, errors in our shape.
-    for path in INFERENCE_PATHS:
-        app.router.routes.append(Route(path, InferenceEndpoint(ctx, upstream, path), methods=["POST"]))
-    return app
+    endpoints = {path: InferenceEndpoint(ctx, upstream, path) for path in INFERENCE_PATHS}
+    for path, endpoint in endpoints.items():
+        app.router.routes.append(Route(path, endpoint, methods=["POST"]))
+    return Dispatcher(app, endpoints)

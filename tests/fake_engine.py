@@ -175,8 +175,12 @@ class FakeEngine:
         try:
             if body.get("stream"):
                 return await self._stream(request, body, chat, n)
-            for _ in range(n):
-                await self._emit_token()
+            try:
+                for _ in range(n):
+                    await self._emit_token()
+            except asyncio.CancelledError:
+                self.stats["cancelled"] += 1
+                raise
             return web.json_response(self._completion(body, chat, n))
         finally:
             self.stats["in_flight"] -= 1
@@ -262,7 +266,8 @@ def spawn_children(count: int, ignore_sigterm: bool) -> list[subprocess.Popen[by
 
 
 async def serve(engine: FakeEngine, host: str, port: int) -> None:
-    runner = web.AppRunner(engine.app(), access_log=None, handle_signals=False)
+    # Like SGLang, abort a request whose client went away (streaming or not).
+    runner = web.AppRunner(engine.app(), access_log=None, handle_signals=False, handler_cancellation=True)
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_address=True)
     await site.start()

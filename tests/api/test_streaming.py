@@ -110,6 +110,23 @@ async def test_client_disconnect_cancels_the_engine_request(daemon: Daemon) -> N
             await _poll(engine_saw_cancel, timeout=5)
 
 
+async def test_client_disconnect_cancels_a_non_streaming_request(daemon: Daemon) -> None:
+    async with httpx.AsyncClient(base_url=daemon.url, timeout=30) as c:
+        await c.post("/v1/admin/models/long/start")
+        body = {"model": "long", "prompt": "x"}  # 1000 tokens x 50 ms: far longer than we wait
+        with pytest.raises(httpx.ReadTimeout):
+            await c.post("/v1/completions", json=body, timeout=httpx.Timeout(30, read=0.5))
+        await _poll(lambda: _in_flight_is(c, "long", 0), timeout=5)
+        port = (await _status(c, "long"))["port"]
+        async with httpx.AsyncClient(timeout=5) as engine:
+
+            async def engine_saw_cancel() -> bool:
+                stats = (await engine.get(f"http://127.0.0.1:{port}/fake/stats")).json()
+                return bool(stats["cancelled"] == 1 and stats["in_flight"] == 0)
+
+            await _poll(engine_saw_cancel, timeout=5)
+
+
 async def _in_flight_is(c: httpx.AsyncClient, name: str, n: int) -> bool:
     return bool((await _status(c, name))["in_flight"] == n)
 
