@@ -29,7 +29,7 @@ def build(settings: Settings) -> AppContext:
         log.warning("%s: model '%s' is disabled: %s", registry.source, name, reason)
     mode = resolve_execution_mode(settings.execution_mode, nvml_gpu_count())
     manager = EngineManager(registry, settings, engine_base_env())
-    return AppContext(settings=settings, registry=registry, manager=manager, execution_mode=mode)
+    return AppContext(settings=settings, manager=manager, execution_mode=mode)
 
 
 def main() -> int:
@@ -55,7 +55,8 @@ def main() -> int:
         host=settings.router_host,
         port=settings.router_port,
         log_level=settings.log_level,
-        timeout_graceful_shutdown=max(1, round(settings.stop_grace_period)),
+        # SIGTERM: stop accepting, give requests in flight this long, then stop the engines.
+        timeout_graceful_shutdown=max(1, round(settings.shutdown_grace_period)),
     )
     uvicorn.Server(config).run()
     return 0

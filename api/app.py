@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import gc
+import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -16,8 +19,9 @@ from api.context import AppContext
 from api.control import router as control_router
 from api.dispatch import Dispatcher
 from api.inference import INFERENCE_PATHS, InferenceEndpoint
-from router.errors import InvalidRequest, MethodNotAllowed, NotFound, RouterError
-from router.proxy import Timeouts, Upstream
+from api.reload import reload_registry
+from router.errors import InvalidConfig, InvalidRequest, MethodNotAllowed, NotFound, RouterError
+from router.proxy import Upstream
 
 
 def error_response(exc: RouterError) -> Response:
@@ -49,22 +53,28 @@ async def _validation_error(request: Request, exc: Exception) -> Response:
     return error_response(InvalidRequest(f"{where}: {first.get('msg', 'invalid request')}"))
 
 
+def _reload_on_signal(ctx: AppContext) -> None:
+    with contextlib.suppress(InvalidConfig):  # logged; nothing changed
+        reload_registry(ctx)
+
+
 def create_app(ctx: AppContext) -> Dispatcher:
     """The FastAPI app (control plane, errors, lifespan) behind the inference fast path."""
-    upstream = Upstream(
-        Timeouts(connect=ctx.settings.backend_connect_timeout, read=ctx.settings.backend_read_timeout)
-    )
+    upstream = Upstream()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await ctx.manager.start()
         await upstream.start()
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGHUP, _reload_on_signal, ctx)
         # Everything built so far lives as long as the daemon: keep it out of the
         # collector's generations so full collections stay short under load.
         gc.freeze()
         try:
             yield
         finally:
+            loop.remove_signal_handler(signal.SIGHUP)
             await upstream.close()
             await ctx.manager.shutdown()
 

@@ -13,9 +13,13 @@ from router.policy import OffloadPolicy
 @dataclass(frozen=True)
 class AppContext:
     settings: Settings
-    registry: Registry
     manager: EngineManager
     execution_mode: ExecutionMode
+
+    @property
+    def registry(self) -> Registry:
+        """The registry in force (a reload replaces it)."""
+        return self.manager.registry
 
     @property
     def policy(self) -> OffloadPolicy:

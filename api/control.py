@@ -8,6 +8,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from api.context import AppContext
+from api.reload import reload_registry
 from config.models import ModelSpec
 from lifecycle.engine import Engine
 from lifecycle.state import EngineError
@@ -132,10 +133,21 @@ async def admin_start(request: Request, name: str) -> JSONResponse:
 
 
 @router.post("/v1/admin/models/{name}/stop")
-async def admin_stop(request: Request, name: str) -> JSONResponse:
+async def admin_stop(
+    request: Request, name: str, force: bool = False, timeout: float | None = None
+) -> JSONResponse:
+    """Stop a model's engine. Without `force`, new requests are refused at once and
+    those in flight get `timeout` seconds (default SHUTDOWN_GRACE_PERIOD) to finish."""
     ctx = _ctx(request)
     engine = _engine(ctx, name)
     if name in ctx.registry.disabled:
         raise FormatNotSupported(f"Model '{name}' cannot run: {ctx.registry.disabled[name]}")
-    await engine.stop()
+    grace = ctx.settings.shutdown_grace_period if timeout is None else max(0.0, timeout)
+    await engine.stop(drain=0.0 if force else grace)
     return JSONResponse(_status_row(engine))
+
+
+@router.post("/v1/admin/reload")
+async def admin_reload(request: Request) -> dict[str, Any]:
+    """Re-read models.yaml (as SIGHUP does); an invalid file changes nothing (400)."""
+    return reload_registry(_ctx(request))

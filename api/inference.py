@@ -18,7 +18,7 @@ from typing import Any
 from api.context import AppContext
 from config.models import ModelSpec
 from lifecycle.engine import Engine
-from lifecycle.state import EngineError
+from lifecycle.state import EngineError, EngineQueueFull
 from router.errors import (
     EndpointNotSupported,
     InvalidJson,
@@ -27,6 +27,7 @@ from router.errors import (
     ModelRequired,
     ModelUnavailable,
     PayloadTooLarge,
+    QueueFull,
     RouterError,
 )
 from router.policy import choose_route
@@ -205,7 +206,9 @@ class InferenceEndpoint:
     ) -> None:
         engine = self.ctx.manager.engines[target.name]
         try:
-            base_url = await engine.ensure_ready()
+            base_url = await engine.ensure_ready(max_waiting=engine.max_waiting)
+        except EngineQueueFull as exc:
+            raise QueueFull(exc.message, retry_after=1.0) from exc
         except EngineError as exc:
             raise ModelUnavailable(exc.message) from exc
         served = target.served_name
@@ -219,6 +222,7 @@ class InferenceEndpoint:
             headers={"Content-Type": "application/json"},
             extra_headers=[(b"x-served-model", target.name.encode())],
             rename=self._rename(served, requested),
+            timeouts=engine.timeouts,
         )
 
     def _rename(self, served: str, requested: str) -> Rename | None:

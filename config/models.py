@@ -41,6 +41,27 @@ class ConfigError(Exception):
         super().__init__("\n".join(f"{source}: {p}" for p in self.problems))
 
 
+class ModelTimeouts(BaseModel):
+    """Per-model overrides of the BACKEND_*_TIMEOUT settings (seconds)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    connect: float | None = Field(None, gt=0)
+    first_byte: float | None = Field(None, gt=0)
+    idle: float | None = Field(None, gt=0)
+    total: float | None = Field(None, ge=0)
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Resolved data-plane timeouts for one model; total 0 = no limit."""
+
+    connect: float
+    first_byte: float
+    idle: float
+    total: float
+
+
 class ModelSpec(BaseModel):
     """One entry of `models:`."""
 
@@ -59,6 +80,8 @@ class ModelSpec(BaseModel):
     args: tuple[str, ...] = ()
     env: dict[str, str] = Field(default_factory=dict)
     served_model_name: str | None = None
+    timeouts: ModelTimeouts = Field(default_factory=ModelTimeouts)
+    max_queued_requests: int | None = Field(None, ge=1)
 
     @model_validator(mode="before")
     @classmethod

@@ -14,6 +14,8 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from config.models import ModelTimeouts, Timeouts
+
 CONFIG_DIR = Path(__file__).resolve().parent
 DEFAULT_MODELS_CONFIG = CONFIG_DIR / "models.yaml"
 
@@ -47,12 +49,22 @@ class Settings(BaseSettings):
     health_check_failures: int = Field(3, ge=1)
     startup_timeout: float = Field(120.0, gt=0)
 
-    # Data plane: seconds to connect to an engine, seconds of engine silence
-    # (before the first byte or between chunks) before BACKEND_TIMEOUT, and
-    # the largest request body accepted (413 REQUEST_TOO_LARGE above it).
+    # Data plane timeouts (per model in models.yaml `timeouts:`), in seconds:
+    # connecting to the engine; from sending the request to the answer's first
+    # byte (queueing and prompt processing included); the longest silence
+    # between chunks of a stream (the "soft" limit); the whole request (the
+    # "hard" limit, 0 = none). Past any of them: BACKEND_TIMEOUT.
     backend_connect_timeout: float = Field(10.0, gt=0)
+    backend_first_byte_timeout: float = Field(600.0, gt=0)
     backend_read_timeout: float = Field(600.0, gt=0)
+    backend_total_timeout: float = Field(0.0, ge=0)
     max_request_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    # Requests allowed to wait for one model's engine to start (per model:
+    # `max_queued_requests`); more get 429 QUEUE_FULL.
+    max_queued_requests: int = Field(256, ge=1)
+    # On SIGTERM (and for an admin stop without force): how long requests in
+    # flight may run on before they are cut off and the engines stopped.
+    shutdown_grace_period: float = Field(30.0, ge=0)
 
     enable_cpu_offload: bool = True
     offload_queue_threshold: int = Field(3, ge=1)
@@ -85,6 +97,16 @@ class Settings(BaseSettings):
     @property
     def model_cache_dir(self) -> Path:
         return self.state_dir / "models"
+
+
+def resolve_timeouts(model: ModelTimeouts, settings: Settings) -> Timeouts:
+    """A model's `timeouts:` over the global BACKEND_*_TIMEOUT settings."""
+    return Timeouts(
+        connect=model.connect or settings.backend_connect_timeout,
+        first_byte=model.first_byte or settings.backend_first_byte_timeout,
+        idle=model.idle or settings.backend_read_timeout,
+        total=settings.backend_total_timeout if model.total is None else model.total,
+    )
 
 
 def resolve_execution_mode(setting: str, gpu_count: int) -> ExecutionMode:

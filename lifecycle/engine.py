@@ -16,6 +16,9 @@ Invariants (the reasons are peers' bugs, see ANCHORS.md):
   engine is never stopped for idleness while it serves (llama-swap #25).
 - A request that arrives during a stop waits for that stop and then starts
   the engine again; it never hangs on a racing stop (llama-swap #946).
+- Draining (an operator's stop, a removed model) refuses new requests and
+  waits for the ones in flight before the stop; a changed models.yaml entry
+  is applied when the engine is stopped, or as soon as it is idle.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from typing import Any
 
 from backends.base import LOOPBACK, Backend, LaunchContext
 from config.models import EngineOverride, ModelSpec
-from config.settings import Settings
+from config.settings import Settings, resolve_timeouts
 from lifecycle.model_files import ModelFileError, ModelFiles
 from lifecycle.pidrecords import PidRecords
 from lifecycle.ports import free_port
@@ -47,6 +50,8 @@ from lifecycle.process import (
 )
 from lifecycle.state import (
     EngineBackingOff,
+    EngineDraining,
+    EngineQueueFull,
     EngineStartError,
     EngineState,
     EngineStatus,
@@ -104,10 +109,8 @@ class Engine:
         services: EngineServices,
         override: EngineOverride | None = None,
     ) -> None:
-        self.spec = spec
-        self.backend = backend
         self._services = services
-        self._override = override
+        self._configure(spec, backend, override)
         self.log = LogTail(services.log_dir / f"{spec.name}.log")
         self._state = EngineState.STOPPED
         self._changed = asyncio.Condition()
@@ -119,6 +122,11 @@ class Engine:
         self._pump: asyncio.Task[None] | None = None
         self._port: int | None = None
         self._idle_handle: asyncio.TimerHandle | None = None
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._draining = False
+        self._pending: tuple[ModelSpec, Backend, EngineOverride | None] | None = None
+        self.waiting = 0  # requests inside ensure_ready, waiting for a transition
         self.in_flight = 0
         self.starts = 0
         self.failures = 0
@@ -126,11 +134,23 @@ class Engine:
         self.last_error: str | None = None
         self.retry_at: float | None = None
 
+    def _configure(self, spec: ModelSpec, backend: Backend, override: EngineOverride | None) -> None:
+        settings = self._services.settings
+        self.spec = spec
+        self.backend = backend
+        self._override = override
+        self.timeouts = resolve_timeouts(spec.timeouts, settings)
+        self.max_waiting = spec.max_queued_requests or settings.max_queued_requests
+
     # ------------------------------------------------------------------ views
 
     @property
     def name(self) -> str:
         return self.spec.name
+
+    @property
+    def override(self) -> EngineOverride | None:
+        return self._override
 
     @property
     def state(self) -> EngineState:
@@ -176,14 +196,19 @@ class Engine:
     def acquire(self) -> Lease:
         self.in_flight += 1
         self.last_used = time.time()
+        self._idle.clear()
         self._disarm_idle()
         return Lease(self)
 
     def _release(self) -> None:
         self.in_flight -= 1
         self.last_used = time.time()
-        if self.in_flight == 0 and self._state is EngineState.READY:
-            self._arm_idle()
+        if self.in_flight == 0:
+            self._idle.set()
+            if self._pending is not None:
+                self._apply_pending()
+            elif self._state is EngineState.READY:
+                self._arm_idle()
 
     def _arm_idle(self) -> None:
         self._disarm_idle()
@@ -204,23 +229,70 @@ class Engine:
 
     # ---------------------------------------------------------------- intents
 
-    async def ensure_ready(self, *, force: bool = False) -> str:
+    async def ensure_ready(self, *, force: bool = False, max_waiting: int | None = None) -> str:
         """Return the engine's base URL once READY, starting it if needed.
 
-        Raises EngineStartError (shared by all who waited on that start) or
-        EngineBackingOff while a failed engine's back-off runs (`force` skips it).
+        Raises EngineStartError (shared by all who waited on that start),
+        EngineBackingOff while a failed engine's back-off runs (`force` skips
+        it), EngineDraining while it drains, and EngineQueueFull when
+        `max_waiting` requests already wait for it.
         """
         while True:
+            if self._draining:
+                raise EngineDraining(self.name, f"model '{self.name}' is being stopped")
             if self._state is EngineState.READY and self._transition is None:
                 return self.base_url
+            if max_waiting is not None and self.waiting >= max_waiting:
+                raise EngineQueueFull(
+                    self.name, f"{self.waiting} requests already wait for model '{self.name}' to start"
+                )
             task = self._transition
             if task is None:
                 self._check_backoff(force)
                 task = self._begin(self._run_start())
-            await asyncio.shield(task)
+            self.waiting += 1
+            try:
+                await asyncio.shield(task)
+            finally:
+                self.waiting -= 1
 
-    async def stop(self) -> None:
-        """Stop the engine and wait until its whole process group is gone."""
+    async def stop(self, *, drain: float = 0.0) -> None:
+        """Stop the engine and wait until its whole process group is gone.
+
+        With `drain`, new requests are refused at once and those in flight get
+        up to `drain` seconds to finish before the stop.
+        """
+        if drain > 0 and self.in_flight > 0:
+            self._draining = True
+            try:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._idle.wait(), drain)
+                await self._stop_now()
+            finally:
+                self._draining = False
+        else:
+            await self._stop_now()
+
+    def replace_spec(self, spec: ModelSpec, backend: Backend, override: EngineOverride | None) -> None:
+        """Take a changed models.yaml entry: at once if stopped, else when next idle."""
+        self._pending = (spec, backend, override)
+        if self.in_flight == 0:
+            self._apply_pending()
+
+    def _apply_pending(self) -> None:
+        if self._pending is None or self._transition is not None:
+            return
+        if self._state in (EngineState.STOPPED, EngineState.FAILED):
+            self._configure(*self._pending)
+            self._pending = None
+            self.failures, self.retry_at = 0, None
+            log.info("model '%s': new configuration applied", self.name)
+        elif self._state is EngineState.READY:
+            log.info("model '%s': configuration changed, restarting it while idle", self.name)
+            task = self._begin(self._run_stop(EngineState.STOPPED, None))
+            task.add_done_callback(lambda _: self._apply_pending())
+
+    async def _stop_now(self) -> None:
         while (task := self._transition) is not None:
             if self._state is EngineState.STARTING:
                 self._abort.set()
@@ -316,6 +388,8 @@ class Engine:
         asyncio.get_running_loop().create_task(self._watch_exit(self._exited))
         if self.in_flight == 0:
             self._arm_idle()
+            if self._pending is not None:  # changed while starting: restart once this start ends
+                asyncio.get_running_loop().call_soon(self._apply_pending)
 
     def _start_error(self, message: str) -> EngineStartError:
         tail = self.log.tail(ERROR_TAIL_LINES)

@@ -11,6 +11,7 @@ import asyncio
 import atexit
 import contextlib
 import logging
+from dataclasses import dataclass
 
 from backends.registry import backend_for
 from config.models import EngineOverride, Registry
@@ -24,13 +25,21 @@ from lifecycle.state import EngineState
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class ReloadReport:
+    added: list[str]
+    removed: list[str]
+    changed: list[str]
+    unchanged: list[str]
+
+
 class EngineManager:
     def __init__(self, registry: Registry, settings: Settings, base_env: dict[str, str]) -> None:
         self.registry = registry
         self.settings = settings
         self._prober = Prober()
         self.pid_records = PidRecords(settings.run_dir)
-        services = EngineServices(
+        self._services = services = EngineServices(
             settings=settings,
             base_env=base_env,
             prober=self._prober,
@@ -44,6 +53,7 @@ class EngineManager:
         }
         self._monitor: asyncio.Task[None] | None = None
         self._misses: dict[str, int] = {}
+        self._retiring: set[asyncio.Task[None]] = set()
 
     def _override(self, backend: str) -> EngineOverride | None:
         """models.yaml `engines:` first, then the <BACKEND>_COMMAND setting."""
@@ -63,13 +73,52 @@ class EngineManager:
         atexit.register(self._kill_all_now)
         self._monitor = asyncio.get_running_loop().create_task(self._monitor_health(), name="health-monitor")
 
+    def reload(self, registry: Registry) -> ReloadReport:
+        """Switch to a validated registry; takes effect for the next request.
+
+        Added models can be used at once. Removed ones vanish from the
+        registry at once (new requests: MODEL_NOT_FOUND) while their engines
+        drain — requests in flight finish, up to SHUTDOWN_GRACE_PERIOD — and
+        stop. Changed ones take the new entry when stopped, or restart as
+        soon as they are idle. In-flight requests are never cut off by a reload.
+        """
+        old = self.registry
+        self.registry = registry
+        added = [n for n in registry.models if n not in old.models]
+        removed = [n for n in old.models if n not in registry.models]
+        changed, unchanged = [], []
+        for name, spec in registry.models.items():
+            if name in added:
+                continue
+            engine = self.engines[name]
+            override = self._override(spec.backend)
+            if spec == engine.spec and override == engine.override:
+                unchanged.append(name)
+            else:
+                changed.append(name)
+                engine.replace_spec(spec, backend_for(spec.backend), override)
+        for name in added:
+            spec = registry.models[name]
+            self.engines[name] = Engine(
+                spec, backend_for(spec.backend), self._services, self._override(spec.backend)
+            )
+        for name in removed:
+            engine = self.engines.pop(name)
+            task = asyncio.get_running_loop().create_task(
+                engine.stop(drain=self.settings.shutdown_grace_period)
+            )
+            self._retiring.add(task)
+            task.add_done_callback(self._retiring.discard)
+        return ReloadReport(added=added, removed=removed, changed=changed, unchanged=unchanged)
+
     async def shutdown(self) -> None:
         """Stop every engine group and wait until all are gone."""
         if self._monitor is not None:
             self._monitor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._monitor
-        await asyncio.gather(*(engine.stop() for engine in self.engines.values()), return_exceptions=True)
+        stops = [engine.stop() for engine in self.engines.values()]
+        await asyncio.gather(*stops, *self._retiring, return_exceptions=True)
         await self._prober.close()
         atexit.unregister(self._kill_all_now)
 

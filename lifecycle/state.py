@@ -12,7 +12,9 @@ Errors (all are `EngineError`; the API maps them to MODEL_UNAVAILABLE):
 
     EngineError
      ├── EngineStartError      the engine exited, timed out or could not be launched
-     └── EngineBackingOff      recent starts failed; `retry_at` says when to try again
+     ├── EngineBackingOff      recent starts failed; `retry_at` says when to try again
+     ├── EngineDraining        an operator's stop or a reload is draining it (503)
+     └── EngineQueueFull       too many requests already wait for its start (429)
 """
 
 from __future__ import annotations
@@ -67,6 +69,14 @@ class EngineBackingOff(EngineError):
     def __init__(self, model: str, message: str, retry_at: float) -> None:
         super().__init__(model, message)
         self.retry_at = retry_at
+
+
+class EngineDraining(EngineError):
+    pass
+
+
+class EngineQueueFull(EngineError):
+    pass
 
 
 @dataclass(frozen=True)

@@ -9,9 +9,12 @@
      ├── MethodNotAllowed       405  METHOD_NOT_ALLOWED
      ├── PayloadTooLarge        413  REQUEST_TOO_LARGE
      ├── FormatNotSupported     422  FORMAT_NOT_SUPPORTED
+     ├── InvalidConfig          400  INVALID_CONFIG (a reload found models.yaml invalid; + problems)
      ├── GpuOverloaded          429  GPU_OVERLOADED (+ Retry-After)
+     ├── QueueFull              429  QUEUE_FULL (too many requests wait for one engine's start; + Retry-After)
      ├── BackendUnavailable     502  BACKEND_UNAVAILABLE (connection to the engine failed or broke)
-     ├── ModelUnavailable       503  MODEL_UNAVAILABLE (start failed, backing off, or wrong mode)
+     ├── ModelUnavailable       503  MODEL_UNAVAILABLE (start failed, backing off, draining, or wrong mode)
+     ├── ShuttingDown           503  SHUTTING_DOWN (a stream cut off when the shutdown grace ran out)
      └── BackendTimeout         504  BACKEND_TIMEOUT
 
 Lifecycle and HTTP-client exceptions are translated into these once, where
@@ -108,6 +111,18 @@ class BackendUnavailable(RouterError):
 
 class ModelUnavailable(RouterError):
     status, code, type = 503, "MODEL_UNAVAILABLE", "api_error"
+
+
+class QueueFull(RouterError):
+    status, code, type = 429, "QUEUE_FULL", "rate_limit_error"
+
+
+class ShuttingDown(RouterError):
+    status, code, type = 503, "SHUTTING_DOWN", "api_error"
+
+
+class InvalidConfig(RouterError):
+    status, code, type = 400, "INVALID_CONFIG", "invalid_request_error"
 
 
 class BackendTimeout(RouterError):

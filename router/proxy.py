@@ -13,6 +13,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import math
 import re
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
@@ -20,7 +22,8 @@ from typing import Any
 
 import aiohttp
 
-from router.errors import BackendTimeout, BackendUnavailable, RouterError
+from config.models import Timeouts
+from router.errors import BackendTimeout, BackendUnavailable, RouterError, ShuttingDown
 
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
@@ -60,31 +63,31 @@ class Rename:
         return self.pattern.sub(self.replacement, data)
 
 
-@dataclass(frozen=True)
-class Timeouts:
-    connect: float
-    read: float  # silence from the engine (before the first byte or between chunks)
-
-
 class Upstream:
     """One pooled aiohttp session for every request the daemon forwards."""
 
-    def __init__(self, timeouts: Timeouts) -> None:
-        self._timeouts = timeouts
+    def __init__(self) -> None:
         self._session: aiohttp.ClientSession | None = None
+        self._connect_timeouts: dict[float, aiohttp.ClientTimeout] = {}
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30, enable_cleanup_closed=True)
-        timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=self._timeouts.connect, sock_read=self._timeouts.read
-        )
         self._session = aiohttp.ClientSession(
-            connector=connector, timeout=timeout, auto_decompress=False, skip_auto_headers=("User-Agent",)
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(total=None),
+            auto_decompress=False,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            skip_auto_headers=("User-Agent",),
         )
 
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
+
+    def _client_timeout(self, connect: float) -> aiohttp.ClientTimeout:
+        if connect not in self._connect_timeouts:
+            self._connect_timeouts[connect] = aiohttp.ClientTimeout(total=None, sock_connect=connect)
+        return self._connect_timeouts[connect]
 
     async def forward(
         self,
@@ -95,20 +98,50 @@ class Upstream:
         headers: dict[str, str],
         extra_headers: list[tuple[bytes, bytes]],
         rename: Rename | None,
+        timeouts: Timeouts,
     ) -> None:
-        """Relay the engine's answer to `send`. Raises RouterError if nothing was sent yet."""
+        """Relay the engine's answer to `send`.
+
+        Raises RouterError if nothing was sent yet. Once a stream has begun,
+        a failure (engine gone, BACKEND_TIMEOUT, the daemon shutting down)
+        ends it with one SSE error event instead.
+
+        One deadline per request: the first byte must come within
+        `first_byte`, then each chunk within `idle` of the last, and all of it
+        within `total` (if set).
+        """
         assert self._session is not None, "Upstream.start() was not called"
+        loop = asyncio.get_running_loop()
+        hard = loop.time() + timeouts.total if timeouts.total else math.inf
+        relay = _Relay(send, extra_headers, rename)
         try:
-            resp = await self._session.post(url, data=body, headers=headers)
+            async with asyncio.timeout_at(min(loop.time() + timeouts.first_byte, hard)) as deadline:
+                resp = await self._session.post(
+                    url, data=body, headers=headers, timeout=self._client_timeout(timeouts.connect)
+                )
+                try:
+                    if resp.content_type == "text/event-stream":
+
+                        def chunk_arrived() -> None:
+                            deadline.reschedule(min(loop.time() + timeouts.idle, hard))
+
+                        await relay.stream(resp, chunk_arrived)
+                    else:
+                        await relay.document(resp)
+                finally:
+                    resp.close()  # an unfinished answer drops the connection: the engine sees the cancel
         except Exception as exc:
-            raise _translate(exc, "sending the request") from exc
-        try:
-            if resp.content_type == "text/event-stream":
-                await _relay_stream(resp, send, extra_headers, rename)
-            else:
-                await _relay_document(resp, send, extra_headers, rename)
-        finally:
-            resp.close()  # an unfinished answer drops the connection: the engine sees the cancel
+            error = _translate(exc, relay.doing)
+            if not relay.started:
+                raise error from exc
+            await relay.fail(error)
+        except asyncio.CancelledError:
+            # The client left (sending is then a no-op) or the daemon's shutdown
+            # grace ran out: say so in the stream before the connection closes.
+            if relay.started:
+                with contextlib.suppress(Exception):
+                    await relay.fail(ShuttingDown("The daemon is shutting down; the stream was cut off"))
+            raise
 
 
 def _translate(exc: Exception, doing: str) -> RouterError:
@@ -118,42 +151,47 @@ def _translate(exc: Exception, doing: str) -> RouterError:
     return BackendUnavailable(f"The engine connection failed while {doing}: {detail}")
 
 
-def _response_headers(
-    resp: aiohttp.ClientResponse, extra: list[tuple[bytes, bytes]]
-) -> list[tuple[bytes, bytes]]:
-    headers = [(k.lower(), v) for k, v in resp.raw_headers if k.lower() not in HOP_BY_HOP]
-    return headers + extra
+class _Relay:
+    """Sends the engine's answer to the client; knows whether it has begun."""
 
+    def __init__(self, send: Send, extra: list[tuple[bytes, bytes]], rename: Rename | None) -> None:
+        self.send = send
+        self.extra = extra
+        self.rename = rename
+        self.started = False
+        self.doing = "waiting for the engine's answer"
 
-async def _relay_document(
-    resp: aiohttp.ClientResponse, send: Send, extra: list[tuple[bytes, bytes]], rename: Rename | None
-) -> None:
-    try:
+    def _headers(self, resp: aiohttp.ClientResponse) -> list[tuple[bytes, bytes]]:
+        headers = [(k.lower(), v) for k, v in resp.raw_headers if k.lower() not in HOP_BY_HOP]
+        return headers + self.extra
+
+    async def document(self, resp: aiohttp.ClientResponse) -> None:
+        self.doing = "reading the answer"
         data = await resp.read()
-    except Exception as exc:
-        raise _translate(exc, "reading the answer") from exc
-    if rename is not None:
-        data = rename.apply(data)
-    headers = _response_headers(resp, extra)
-    headers.append((b"content-length", str(len(data)).encode()))
-    await send({"type": "http.response.start", "status": resp.status, "headers": headers})
-    await send({"type": "http.response.body", "body": data})
+        if self.rename is not None:
+            data = self.rename.apply(data)
+        headers = self._headers(resp)
+        headers.append((b"content-length", str(len(data)).encode()))
+        self.started = True
+        await self.send({"type": "http.response.start", "status": resp.status, "headers": headers})
+        await self.send({"type": "http.response.body", "body": data})
 
-
-async def _relay_stream(
-    resp: aiohttp.ClientResponse, send: Send, extra: list[tuple[bytes, bytes]], rename: Rename | None
-) -> None:
-    await send(
-        {"type": "http.response.start", "status": resp.status, "headers": _response_headers(resp, extra)}
-    )
-    try:
+    async def stream(self, resp: aiohttp.ClientResponse, chunk_arrived: Callable[[], None]) -> None:
+        self.started = True
+        start = {"type": "http.response.start", "status": resp.status, "headers": self._headers(resp)}
+        await self.send(start)
+        self.doing = "streaming the answer"
+        send, rename = self.send, self.rename
         if rename is None:
             async for chunk in resp.content.iter_any():
+                chunk_arrived()
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
         else:  # line by line, so a `"model"` field is never split across two reads
             async for line in resp.content:
+                chunk_arrived()
                 await send({"type": "http.response.body", "body": rename.apply(line), "more_body": True})
-    except Exception as exc:
-        error = _translate(exc, "streaming the answer")
-        await send({"type": "http.response.body", "body": error.sse_event(), "more_body": True})
-    await send({"type": "http.response.body", "body": b"", "more_body": False})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def fail(self, error: RouterError) -> None:
+        await self.send({"type": "http.response.body", "body": error.sse_event(), "more_body": True})
+        await self.send({"type": "http.response.body", "body": b"", "more_body": False})

@@ -165,10 +165,25 @@ class FakeEngine:
     async def flush_cache(self, request: web.Request) -> web.Response:
         return web.Response(text="cache flushed")
 
+    @staticmethod
+    def _bad_request(message: str) -> web.Response:
+        return web.json_response({"error": {"message": message, "type": "invalid_request_error"}}, status=400)
+
+    async def _json_object(self, request: web.Request) -> dict[str, Any] | None:
+        try:
+            body = await request.json()
+        except ValueError:
+            return None
+        return body if isinstance(body, dict) else None
+
     async def completions(self, request: web.Request) -> web.StreamResponse:
-        body = await request.json()
+        body = await self._json_object(request)
+        if body is None:
+            return self._bad_request("body must be a JSON object")
         chat = request.path.endswith("/chat/completions")
-        n = int(body.get("max_tokens") or self.knobs.tokens)
+        n = body.get("max_tokens") or self.knobs.tokens
+        if not isinstance(n, int) or isinstance(n, bool) or not 0 < n <= 4096:
+            return self._bad_request("max_tokens must be an integer from 1 to 4096")
         self.stats["requests"] += 1
         self.stats["in_flight"] += 1
         self.stats["max_in_flight"] = max(self.stats["max_in_flight"], self.stats["in_flight"])
@@ -234,7 +249,9 @@ class FakeEngine:
         return resp
 
     async def embeddings(self, request: web.Request) -> web.Response:
-        body = await request.json()
+        body = await self._json_object(request)
+        if body is None:
+            return self._bad_request("body must be a JSON object")
         inputs = body.get("input", "")
         items = inputs if isinstance(inputs, list) else [inputs]
         data = [
@@ -251,8 +268,12 @@ class FakeEngine:
         )
 
     async def rerank(self, request: web.Request) -> web.Response:
-        body = await request.json()
+        body = await self._json_object(request)
+        if body is None:
+            return self._bad_request("body must be a JSON object")
         docs = body.get("documents", [])
+        if not isinstance(docs, list):
+            return self._bad_request("documents must be a list")
         results = [{"index": i, "relevance_score": 1.0 / (i + 1)} for i in range(len(docs))]
         return web.json_response({"results": results, "model": body.get("model", self.name)})
 

@@ -14,7 +14,7 @@ DOC = registry_doc(
     fake_model("ok"),
     fake_model("gguf-on-sglang", format="gguf"),
     fake_model("broken", env={"FAKE_EXIT_DURING_START": "4"}),
-    fake_model("silent", env={"FAKE_HANG": "request"}),
+    fake_model("silent", env={"FAKE_HANG": "request"}, timeouts={"first_byte": 1}),
     fake_model("crashy", env={"FAKE_CRASH_AFTER": "0"}),
     fake_model("busy", env={"FAKE_TOKEN_DELAY": "0.05", "FAKE_TOKENS": "400"}),
     fake_model("embedder", type="embedding"),
@@ -23,9 +23,7 @@ DOC = registry_doc(
 
 @pytest.fixture
 def daemon(daemon_for: Any) -> Daemon:
-    started: Daemon = daemon_for(
-        DOC, OFFLOAD_QUEUE_THRESHOLD="1", BACKEND_READ_TIMEOUT="1", MAX_REQUEST_BODY_BYTES="4096"
-    ).start()
+    started: Daemon = daemon_for(DOC, OFFLOAD_QUEUE_THRESHOLD="1", MAX_REQUEST_BODY_BYTES="4096").start()
     return started
 
 

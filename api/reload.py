@@ -1,0 +1,29 @@
+"""Reloading models.yaml: validate first, then apply (admin route and SIGHUP)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict
+from typing import Any
+
+from api.context import AppContext
+from config.models import ConfigError, load_registry
+from router.errors import InvalidConfig
+
+log = logging.getLogger(__name__)
+
+
+def reload_registry(ctx: AppContext) -> dict[str, Any]:
+    """Load MODELS_CONFIG_PATH again. A file with any problem changes nothing."""
+    try:
+        registry = load_registry(ctx.settings.models_config_path)
+    except ConfigError as exc:
+        log.error("reload refused, nothing changed:\n%s", exc)
+        raise InvalidConfig(
+            f"{exc.source} is invalid; nothing was changed", problems=[str(p) for p in exc.problems]
+        ) from exc
+    for name, reason in registry.disabled.items():
+        log.warning("%s: model '%s' is disabled: %s", registry.source, name, reason)
+    report = asdict(ctx.manager.reload(registry))
+    log.info("reloaded %s: %s", registry.source, report)
+    return report
