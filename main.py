@@ -14,6 +14,8 @@ import uvicorn
 
 from api.app import create_app
 from api.context import AppContext
+from api.metrics import Metrics
+from api.request_log import configure_logging
 from config.environment import engine_base_env
 from config.models import ConfigError, load_registry
 from config.settings import Settings, resolve_execution_mode
@@ -28,15 +30,15 @@ def build(settings: Settings) -> AppContext:
     for name, reason in registry.disabled.items():
         log.warning("%s: model '%s' is disabled: %s", registry.source, name, reason)
     mode = resolve_execution_mode(settings.execution_mode, nvml_gpu_count())
-    manager = EngineManager(registry, settings, engine_base_env())
-    return AppContext(settings=settings, manager=manager, execution_mode=mode)
+    metrics = Metrics()
+    manager = EngineManager(registry, settings, engine_base_env(), events=metrics)
+    metrics.watch(manager)
+    return AppContext(settings=settings, manager=manager, execution_mode=mode, metrics=metrics)
 
 
 def main() -> int:
     settings = Settings()
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(settings.log_level, settings.log_format)
     try:
         ctx = build(settings)
     except ConfigError as exc:
@@ -55,6 +57,8 @@ def main() -> int:
         host=settings.router_host,
         port=settings.router_port,
         log_level=settings.log_level,
+        log_config=None,  # uvicorn's loggers go through ours (request IDs, JSON)
+        access_log=False,  # replaced by our access log, which carries the request ID
         # SIGTERM: stop accepting, give requests in flight this long, then stop the engines.
         timeout_graceful_shutdown=max(1, round(settings.shutdown_grace_period)),
     )

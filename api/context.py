@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from api.metrics import Metrics
 from config.models import Registry
 from config.settings import ExecutionMode, Settings
 from lifecycle.manager import EngineManager
@@ -15,6 +16,7 @@ class AppContext:
     settings: Settings
     manager: EngineManager
     execution_mode: ExecutionMode
+    metrics: Metrics
 
     @property
     def registry(self) -> Registry:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from api.context import AppContext
 from api.reload import reload_registry
@@ -64,6 +67,7 @@ def _status_row(engine: Engine) -> dict[str, Any]:
 
 
 router = APIRouter()
+FOLLOW_POLL_SECONDS = 0.2
 
 
 @router.get("/health")
@@ -145,6 +149,35 @@ async def admin_stop(
     grace = ctx.settings.shutdown_grace_period if timeout is None else max(0.0, timeout)
     await engine.stop(drain=0.0 if force else grace)
     return JSONResponse(_status_row(engine))
+
+
+@router.get("/v1/admin/models/{name}/logs")
+async def admin_logs(
+    request: Request, name: str, tail: int = Query(100, ge=0, le=100_000), follow: bool = False
+) -> Response:
+    """The engine's output: the last `tail` lines of its log file; with `follow`, then
+    every new line as it is written, until the client disconnects."""
+    engine = _engine(_ctx(request), name)
+    lines, offset = engine.log.read_tail(tail)
+    head = "".join(line + "\n" for line in lines).encode()
+    if not follow:
+        return Response(head, media_type="text/plain; charset=utf-8")
+
+    async def stream() -> AsyncIterator[bytes]:
+        yield head
+        position = offset
+        while True:
+            await asyncio.sleep(FOLLOW_POLL_SECONDS)
+            data, position = engine.log.read_from(position)
+            if data:
+                yield data
+
+    return StreamingResponse(stream(), media_type="text/plain; charset=utf-8")
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    return Response(generate_latest(_ctx(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.post("/v1/admin/reload")

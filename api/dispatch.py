@@ -9,8 +9,12 @@ app's, where the same endpoints are also registered.
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any
+
+from api.request_log import REQUEST_ID, access_log, request_id_from
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -30,9 +34,37 @@ class Dispatcher:
         receive: Callable[[], Awaitable[Message]],
         send: Callable[[Message], Awaitable[None]],
     ) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST":
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if scope["method"] == "POST":
             endpoint = self.fast_paths.get(scope["path"])
             if endpoint is not None:
-                await endpoint(scope, receive, send)
+                await endpoint(scope, receive, send)  # it sets its own request ID
                 return
-        await self.app(scope, receive, send)
+        await self._control_plane(scope, receive, send)
+
+    async def _control_plane(
+        self,
+        scope: Scope,
+        receive: Callable[[], Awaitable[Message]],
+        send: Callable[[Message], Awaitable[None]],
+    ) -> None:
+        request_id = request_id_from(scope["headers"])
+        REQUEST_ID.set(request_id)
+        t0 = time.perf_counter()
+        status = 0
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            if access_log.isEnabledFor(logging.INFO):
+                ms = (time.perf_counter() - t0) * 1000
+                access_log.info("%s %s %d %.1fms", scope["method"], scope["path"], status, ms)

@@ -12,10 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable, Callable, MutableMapping
+import logging
+import time
+from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from typing import Any
 
 from api.context import AppContext
+from api.metrics import UNKNOWN_MODEL
+from api.request_log import REQUEST_ID, access_log, request_id_from
 from config.models import ModelSpec
 from lifecycle.engine import Engine
 from lifecycle.state import EngineError, EngineQueueFull
@@ -31,7 +35,7 @@ from router.errors import (
     RouterError,
 )
 from router.policy import choose_route
-from router.proxy import Rename, Send, Upstream
+from router.proxy import Relay, Rename, Send, Upstream
 
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
@@ -46,10 +50,11 @@ INFERENCE_PATHS: dict[str, frozenset[str]] = {
 }
 
 
-async def send_error(send: Send, exc: RouterError) -> None:
+async def send_error(send: Send, exc: RouterError, extra: Sequence[tuple[bytes, bytes]] = ()) -> None:
     body = exc.json_bytes()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     headers += [(k.lower().encode(), v.encode()) for k, v in exc.headers().items()]
+    headers += list(extra)
     await send({"type": "http.response.start", "status": exc.status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
@@ -151,34 +156,64 @@ class InferenceEndpoint:
         self._renames: dict[tuple[str, str], Rename] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        t0 = time.perf_counter()
+        request_id = request_id_from(scope["headers"])
+        REQUEST_ID.set(request_id)
+        id_header = [(b"x-request-id", request_id.encode())]
+        model, backend = UNKNOWN_MODEL, ""
         try:
             body = await read_body(scope, receive, self.ctx.settings.max_request_body_bytes)
             payload, requested = parse_payload(body)
             spec = self._spec(requested)
+            model, backend = spec.name, spec.backend
             engine = self._select(spec)
             lease = engine.acquire()  # same event-loop step as the decision
         except RouterError as exc:
-            await send_error(send, exc)
+            await send_error(send, exc, id_header)
+            self._done(model, backend, "", exc.status, exc.code, t0, None)
             return
         except asyncio.CancelledError:
             return  # the client left before its request was read
+        if engine.name != model:
+            self.ctx.metrics.offload(model, engine.name)
         with lease:
             guard = DisconnectGuard(receive)
             try:
-                await self._forward(send, engine.spec, requested, payload, body)
+                relay = await self._forward(
+                    send, engine.spec, requested, payload, body, request_id, id_header
+                )
+                guard.close()
+                self._done(model, backend, engine.name, relay.status, relay.error_code, t0, relay)
             except RouterError as exc:
                 guard.close()
-                await send_error(send, exc)
+                await send_error(send, exc, id_header)
+                self._done(model, backend, engine.name, exc.status, exc.code, t0, None)
             except asyncio.CancelledError:
                 guard.close()
                 if not guard.disconnected:
                     raise
                 # The client went away: the upstream request was cancelled with us.
+                self._done(model, backend, engine.name, 499, "CLIENT_DISCONNECTED", t0, None)
                 current = asyncio.current_task()
                 if current is not None:
                     current.uncancel()
             finally:
                 guard.close()
+
+    def _done(
+        self, model: str, backend: str, served: str, status: int, code: str, t0: float, relay: Relay | None
+    ) -> None:
+        elapsed = time.perf_counter() - t0
+        metrics = self.ctx.metrics
+        metrics.request(model, backend, status, code, elapsed)
+        if relay is not None and relay.streaming:
+            ttft = relay.first_chunk - t0 if relay.first_chunk is not None else None
+            metrics.stream(model, ttft, relay.tokens)
+        if access_log.isEnabledFor(logging.INFO):
+            access_log.info(
+                "POST %s %d%s %.1fms model=%s served=%s",
+                self.path, status, f" {code}" if code else "", elapsed * 1000, model, served or "-",
+            )  # fmt: skip
 
     def _spec(self, requested: str) -> ModelSpec:
         spec = self.ctx.registry.models.get(requested)
@@ -202,8 +237,15 @@ class InferenceEndpoint:
         return engines[route.target]
 
     async def _forward(
-        self, send: Send, target: ModelSpec, requested: str, payload: dict[str, Any], body: bytes
-    ) -> None:
+        self,
+        send: Send,
+        target: ModelSpec,
+        requested: str,
+        payload: dict[str, Any],
+        body: bytes,
+        request_id: str,
+        id_header: list[tuple[bytes, bytes]],
+    ) -> Relay:
         engine = self.ctx.manager.engines[target.name]
         try:
             base_url = await engine.ensure_ready(max_waiting=engine.max_waiting)
@@ -215,12 +257,12 @@ class InferenceEndpoint:
         if served != requested:
             payload["model"] = served
             body = json.dumps(payload).encode()
-        await self.upstream.forward(
+        return await self.upstream.forward(
             send,
             url=base_url + self.path,
             body=body,
-            headers={"Content-Type": "application/json"},
-            extra_headers=[(b"x-served-model", target.name.encode())],
+            headers={"Content-Type": "application/json", "X-Request-ID": request_id},
+            extra_headers=[(b"x-served-model", target.name.encode()), *id_header],
             rename=self._rename(served, requested),
             timeouts=engine.timeouts,
         )

@@ -74,6 +74,8 @@ class Settings(BaseSettings):
     # SIGTERM -> this many seconds -> SIGKILL for an engine's process group.
     stop_grace_period: float = Field(10.0, ge=0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # "text" (one line, with the request ID) or "json" (one JSON object per line).
+    log_format: Literal["text", "json"] = "text"
 
     # How to launch each engine when models.yaml has no `engines:` entry for
     # it (shell-style strings, e.g. "/opt/sglang/bin/python -m sglang.launch_server").

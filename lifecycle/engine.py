@@ -28,7 +28,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -51,10 +51,12 @@ from lifecycle.process import (
 from lifecycle.state import (
     EngineBackingOff,
     EngineDraining,
+    EngineEvents,
     EngineQueueFull,
     EngineStartError,
     EngineState,
     EngineStatus,
+    NoEvents,
     check_transition,
 )
 
@@ -81,6 +83,7 @@ class EngineServices:
     pid_records: PidRecords
     model_files: ModelFiles
     log_dir: Path
+    events: EngineEvents = field(default_factory=NoEvents)
 
 
 class Lease:
@@ -364,6 +367,8 @@ class Engine:
         self.starts += 1
         self._abort = asyncio.Event()
         timeout = self._services.settings.startup_timeout
+        began = time.monotonic()
+        events = self._services.events
         try:
             await self._launch()
             await self._await_ready(time.monotonic() + timeout, timeout)
@@ -372,10 +377,12 @@ class Engine:
                 self._set(EngineState.STOPPING)
                 await self._terminate()
                 self._set(EngineState.STOPPED)
+                events.stopped(self.name, self.spec.backend)
                 raise
             await self._terminate()
             self._record_failure(exc.message)
             self._set(EngineState.FAILED)
+            events.start_failed(self.name, self.spec.backend)
             raise
         except asyncio.CancelledError:
             self.kill_now()
@@ -383,6 +390,7 @@ class Engine:
         self.failures = 0
         self.retry_at = None
         self._set(EngineState.READY)
+        events.started(self.name, self.spec.backend, time.monotonic() - began)
         log.info("engine '%s' ready on %s (pid %s)", self.name, self.base_url, self.pid)
         assert self._exited is not None
         asyncio.get_running_loop().create_task(self._watch_exit(self._exited))
@@ -471,6 +479,10 @@ class Engine:
         if final is EngineState.FAILED and reason is not None:
             self._record_failure(reason)
         self._set(final)
+        if final is EngineState.FAILED:
+            self._services.events.crashed(self.name, self.spec.backend)
+        else:
+            self._services.events.stopped(self.name, self.spec.backend)
 
     async def _terminate(self) -> None:
         """Stop the process group (SIGTERM, grace, SIGKILL) and forget the process."""

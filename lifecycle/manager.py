@@ -20,7 +20,7 @@ from lifecycle.engine import Engine, EngineServices
 from lifecycle.model_files import ModelFiles
 from lifecycle.pidrecords import PidRecords
 from lifecycle.probe import Prober
-from lifecycle.state import EngineState
+from lifecycle.state import EngineEvents, EngineState, NoEvents
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,13 @@ class ReloadReport:
 
 
 class EngineManager:
-    def __init__(self, registry: Registry, settings: Settings, base_env: dict[str, str]) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        settings: Settings,
+        base_env: dict[str, str],
+        events: EngineEvents | None = None,
+    ) -> None:
         self.registry = registry
         self.settings = settings
         self._prober = Prober()
@@ -46,6 +52,7 @@ class EngineManager:
             pid_records=self.pid_records,
             model_files=ModelFiles(settings.model_cache_dir),
             log_dir=settings.log_dir,
+            events=events or NoEvents(),
         )
         self.engines: dict[str, Engine] = {
             name: Engine(spec, backend_for(spec.backend), services, self._override(spec.backend))

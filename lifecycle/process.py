@@ -40,6 +40,28 @@ class LogTail:
     def tail(self, n: int = 20) -> list[str]:
         return list(self._lines)[-n:] if n > 0 else []
 
+    def read_tail(self, n: int, max_bytes: int = 4 << 20) -> tuple[list[str], int]:
+        """The last `n` lines of the log file (it outlives restarts), and its size."""
+        try:
+            with self.path.open("rb") as f:
+                size = f.seek(0, 2)
+                f.seek(max(0, size - max_bytes))
+                data = f.read()
+        except FileNotFoundError:
+            return [], 0
+        lines = data.decode("utf-8", errors="replace").splitlines()
+        return (lines[-n:] if n > 0 else []), size
+
+    def read_from(self, offset: int) -> tuple[bytes, int]:
+        """Bytes appended since `offset`, and the new offset."""
+        try:
+            with self.path.open("rb") as f:
+                f.seek(offset)
+                data = f.read()
+        except FileNotFoundError:
+            return b"", offset
+        return data, offset + len(data)
+
 
 class Spawned:
     """A started engine: the process, and the read end of its output pipe.

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Protocol
 
 
 class EngineState(StrEnum):
@@ -94,3 +95,26 @@ class EngineStatus:
     failures: int
     last_error: str | None
     retry_at: float | None
+
+
+class EngineEvents(Protocol):
+    """What an engine reports as it goes (metrics implement it; lifecycle stays unaware)."""
+
+    def started(self, model: str, backend: str, seconds: float) -> None: ...
+    def start_failed(self, model: str, backend: str) -> None: ...
+    def stopped(self, model: str, backend: str) -> None: ...
+    def crashed(self, model: str, backend: str) -> None: ...
+
+
+class NoEvents:
+    def started(self, model: str, backend: str, seconds: float) -> None:
+        pass
+
+    def start_failed(self, model: str, backend: str) -> None:
+        pass
+
+    def stopped(self, model: str, backend: str) -> None:
+        pass
+
+    def crashed(self, model: str, backend: str) -> None:
+        pass

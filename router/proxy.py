@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import math
 import re
+import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
@@ -99,8 +100,8 @@ class Upstream:
         extra_headers: list[tuple[bytes, bytes]],
         rename: Rename | None,
         timeouts: Timeouts,
-    ) -> None:
-        """Relay the engine's answer to `send`.
+    ) -> Relay:
+        """Relay the engine's answer to `send`; the Relay returned says how it went.
 
         Raises RouterError if nothing was sent yet. Once a stream has begun,
         a failure (engine gone, BACKEND_TIMEOUT, the daemon shutting down)
@@ -113,7 +114,7 @@ class Upstream:
         assert self._session is not None, "Upstream.start() was not called"
         loop = asyncio.get_running_loop()
         hard = loop.time() + timeouts.total if timeouts.total else math.inf
-        relay = _Relay(send, extra_headers, rename)
+        relay = Relay(send, extra_headers, rename)
         try:
             async with asyncio.timeout_at(min(loop.time() + timeouts.first_byte, hard)) as deadline:
                 resp = await self._session.post(
@@ -142,6 +143,7 @@ class Upstream:
                 with contextlib.suppress(Exception):
                     await relay.fail(ShuttingDown("The daemon is shutting down; the stream was cut off"))
             raise
+        return relay
 
 
 def _translate(exc: Exception, doing: str) -> RouterError:
@@ -151,8 +153,8 @@ def _translate(exc: Exception, doing: str) -> RouterError:
     return BackendUnavailable(f"The engine connection failed while {doing}: {detail}")
 
 
-class _Relay:
-    """Sends the engine's answer to the client; knows whether it has begun."""
+class Relay:
+    """Sends the engine's answer to the client, and keeps what metrics need of it."""
 
     def __init__(self, send: Send, extra: list[tuple[bytes, bytes]], rename: Rename | None) -> None:
         self.send = send
@@ -160,6 +162,11 @@ class _Relay:
         self.rename = rename
         self.started = False
         self.doing = "waiting for the engine's answer"
+        self.status = 0
+        self.error_code = ""  # set when a begun stream ends with an error event
+        self.streaming = False
+        self.first_chunk: float | None = None  # time.perf_counter() of the first streamed chunk
+        self.tokens = 0  # SSE data events relayed
 
     def _headers(self, resp: aiohttp.ClientResponse) -> list[tuple[bytes, bytes]]:
         headers = [(k.lower(), v) for k, v in resp.raw_headers if k.lower() not in HOP_BY_HOP]
@@ -173,11 +180,13 @@ class _Relay:
         headers = self._headers(resp)
         headers.append((b"content-length", str(len(data)).encode()))
         self.started = True
+        self.status = resp.status
         await self.send({"type": "http.response.start", "status": resp.status, "headers": headers})
         await self.send({"type": "http.response.body", "body": data})
 
     async def stream(self, resp: aiohttp.ClientResponse, chunk_arrived: Callable[[], None]) -> None:
-        self.started = True
+        self.started = self.streaming = True
+        self.status = resp.status
         start = {"type": "http.response.start", "status": resp.status, "headers": self._headers(resp)}
         await self.send(start)
         self.doing = "streaming the answer"
@@ -185,13 +194,21 @@ class _Relay:
         if rename is None:
             async for chunk in resp.content.iter_any():
                 chunk_arrived()
+                self._count(chunk)
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
         else:  # line by line, so a `"model"` field is never split across two reads
             async for line in resp.content:
                 chunk_arrived()
+                self._count(line)
                 await send({"type": "http.response.body", "body": rename.apply(line), "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
+    def _count(self, chunk: bytes) -> None:
+        if self.first_chunk is None:
+            self.first_chunk = time.perf_counter()
+        self.tokens += chunk.count(b"data: {")
+
     async def fail(self, error: RouterError) -> None:
+        self.error_code = error.code
         await self.send({"type": "http.response.body", "body": error.sse_event(), "more_body": True})
         await self.send({"type": "http.response.body", "body": b"", "more_body": False})

@@ -18,6 +18,7 @@ in models.yaml):
     FAKE_IGNORE_SIGTERM    1: ignore SIGTERM (only SIGKILL ends it)
     FAKE_HANG              "start": never become ready; "request": never answer requests
     FAKE_CHILDREN          spawn this many child processes (they ignore SIGTERM too if asked)
+    FAKE_LOG_REQUESTS      1: print each /v1 request with its X-Request-ID
 
 `GET /fake/stats` reports requests seen, in flight, the most ever in flight,
 and streams cancelled by the client.
@@ -103,6 +104,7 @@ class Knobs:
         self.crash_after = int(env["FAKE_CRASH_AFTER"]) if "FAKE_CRASH_AFTER" in env else None
         self.ignore_sigterm = env.get("FAKE_IGNORE_SIGTERM") == "1"
         self.hang = env.get("FAKE_HANG", "")
+        self.log_requests = env.get("FAKE_LOG_REQUESTS") == "1"
         self.children = int(env.get("FAKE_CHILDREN", "0"))
 
 
@@ -144,6 +146,11 @@ class FakeEngine:
         authorized = request.headers.get("Authorization") == f"Bearer {self.api_key}"
         if self.api_key and request.path.startswith("/v1/") and not authorized:
             return web.json_response({"error": "unauthorized"}, status=401)
+        if self.knobs.log_requests and request.path.startswith("/v1/"):
+            print(
+                f"{request.method} {request.path} x-request-id={request.headers.get('X-Request-ID')}",
+                flush=True,
+            )
         if self.knobs.hang == "request" and request.path.startswith("/v1/"):
             await asyncio.Event().wait()
         return await handler(request)  # type: ignore[no-any-return]
