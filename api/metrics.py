@@ -1,7 +1,9 @@
 """Prometheus metrics (prometheus-client), all under `unified_inference_`.
 
-Per-request series are recorded once, at the end of a request, through
-label children cached per label set (no per-request label resolution).
+Per-request series are recorded once, at the end of a request, as plain
+numbers (a dict update and a bisect): prometheus-client's own metric objects
+take a lock per update, which a single-threaded event loop does not need,
+and measurably slowed the data plane. prometheus-client renders them.
 Engine state, in-flight and queued counts, and GPU memory and utilisation
 are read when /metrics is scraped, by collectors: they cost nothing per
 request. Model labels only ever hold registered names, so a client sending
@@ -10,11 +12,13 @@ random model names cannot grow the label space.
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Callable, Iterator
+from itertools import accumulate
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from lifecycle.gpus import nvml_gpus
@@ -27,99 +31,141 @@ STARTUP_BUCKETS = (0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300)
 UNKNOWN_MODEL = "_unknown"
 
 
-class Metrics:
-    """The daemon's metrics; also the lifecycle's EngineEvents sink."""
+class _Counter:
+    """A counter family kept as plain numbers: the event loop is its only writer."""
+
+    def __init__(self, name: str, doc: str, labels: list[str]) -> None:
+        self.name, self.doc, self.labels = name, doc, labels
+        self.values: dict[tuple[str, ...], float] = {}
+
+    def inc(self, labels: tuple[str, ...], amount: float = 1.0) -> None:
+        self.values[labels] = self.values.get(labels, 0.0) + amount
+
+    def family(self) -> Metric:
+        family = CounterMetricFamily(self.name, self.doc, labels=self.labels)
+        for labels, value in self.values.items():
+            family.add_metric(list(labels), value)
+        return family
+
+
+class _Histogram:
+    """A histogram family: per label set, counts per bucket (found by bisect), sum, count."""
+
+    def __init__(self, name: str, doc: str, labels: list[str], buckets: tuple[float, ...]) -> None:
+        self.name, self.doc, self.labels, self.bounds = name, doc, labels, buckets
+        self.values: dict[tuple[str, ...], list[Any]] = {}
+
+    def observe(self, labels: tuple[str, ...], value: float) -> None:
+        state = self.values.get(labels)
+        if state is None:
+            state = self.values[labels] = [[0] * (len(self.bounds) + 1), 0.0]
+        state[0][bisect_left(self.bounds, value)] += 1
+        state[1] += value
+
+    def family(self) -> Metric:
+        family = HistogramMetricFamily(self.name, self.doc, labels=self.labels)
+        for labels, (counts, total) in self.values.items():
+            cumulative = list(accumulate(counts))
+            buckets = [(_le(b), float(c)) for b, c in zip(self.bounds, cumulative, strict=False)]
+            buckets.append(("+Inf", float(cumulative[-1])))
+            family.add_metric(list(labels), buckets, total)
+        return family
+
+
+def _le(bound: float) -> str:
+    return repr(float(bound))
+
+
+class Metrics(Collector):
+    """The daemon's metrics; also the lifecycle's EngineEvents sink.
+
+    Recording is a dict update (no locks: everything runs on the event loop);
+    prometheus-client renders the families when /metrics is scraped.
+    """
 
     def __init__(self) -> None:
-        r = self.registry = CollectorRegistry()
-        self.requests = Counter(
+        self.registry = CollectorRegistry()
+        engine = ["model", "backend"]
+        self.requests = _Counter(
             f"{P}_requests", "Inference requests by model, backend, HTTP status and error code "
             "(code is empty on success; a stream that ends with an error event counts its code).",
-            ["model", "backend", "status", "code"], registry=r,
+            ["model", "backend", "status", "code"],
         )  # fmt: skip
-        self.latency = Histogram(
-            f"{P}_request_duration_seconds", "Inference request duration, to the last byte.",
-            ["model"], buckets=LATENCY_BUCKETS, registry=r,
+        self.latency = _Histogram(
+            f"{P}_request_duration_seconds", "Inference request duration, to the last byte.", ["model"],
+            LATENCY_BUCKETS,
         )  # fmt: skip
-        self.ttft = Histogram(
+        self.ttft = _Histogram(
             f"{P}_time_to_first_token_seconds", "Streaming requests: time to the first chunk of the answer.",
-            ["model"], buckets=LATENCY_BUCKETS, registry=r,
+            ["model"], LATENCY_BUCKETS,
         )  # fmt: skip
-        self.tokens = Counter(
-            f"{P}_streamed_tokens", "SSE data events relayed to clients (the engines send one per token).",
-            ["model"], registry=r,
-        )  # fmt: skip
-        self.offloads = Counter(
-            f"{P}_offloads", "Requests for a GPU model served by its CPU twin.",
-            ["model", "target"], registry=r,
-        )  # fmt: skip
-        self.rejections = Counter(
-            f"{P}_rejected_requests", "Requests refused with 429 (GPU_OVERLOADED, QUEUE_FULL).",
-            ["model", "code"], registry=r,
-        )  # fmt: skip
-        engine_labels = ["model", "backend"]
-        self.starts = Counter(
-            f"{P}_engine_starts", "Engine starts that became ready.", engine_labels, registry=r
+        self.tokens = _Counter(
+            f"{P}_streamed_tokens",
+            "SSE data events relayed to clients (the engines send one per token).",
+            ["model"],
         )
-        self.start_failures = Counter(
-            f"{P}_engine_start_failures", "Engine starts that failed.", engine_labels, registry=r
+        self.offloads = _Counter(f"{P}_offloads", "Requests for a GPU model served by its CPU twin.",
+                                 ["model", "target"])  # fmt: skip
+        self.rejections = _Counter(
+            f"{P}_rejected_requests",
+            "Requests refused with 429 (GPU_OVERLOADED, QUEUE_FULL).",
+            ["model", "code"],
         )
-        self.stops = Counter(
-            f"{P}_engine_stops", "Engine stops (idle, operator, reload).", engine_labels, registry=r
+        self.starts = _Counter(f"{P}_engine_starts", "Engine starts that became ready.", engine)
+        self.start_failures = _Counter(f"{P}_engine_start_failures", "Engine starts that failed.", engine)
+        self.stops = _Counter(f"{P}_engine_stops", "Engine stops (idle, operator, reload).", engine)
+        self.crashes = _Counter(
+            f"{P}_engine_crashes", "Engines that died or were killed as unresponsive.", engine
         )
-        self.crashes = Counter(
-            f"{P}_engine_crashes", "Engines that died or were killed as unresponsive.",
-            engine_labels, registry=r,
-        )  # fmt: skip
-        self.startup = Histogram(
-            f"{P}_engine_startup_seconds", "Engine start to ready.", ["model", "backend"],
-            buckets=STARTUP_BUCKETS, registry=r,
-        )  # fmt: skip
-        self._children: dict[tuple[Any, ...], Any] = {}
+        self.startup = _Histogram(
+            f"{P}_engine_startup_seconds", "Engine start to ready.", engine, STARTUP_BUCKETS
+        )
+        self._families: list[_Counter | _Histogram] = [
+            self.requests, self.latency, self.ttft, self.tokens, self.offloads, self.rejections,
+            self.starts, self.start_failures, self.stops, self.crashes, self.startup,
+        ]  # fmt: skip
+        self.registry.register(self)
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self._families:
+            yield family.family()
 
     def watch(self, manager: EngineManager, gpus: Callable[[], list[dict[str, float]]] | None = None) -> None:
-        """Add the scrape-time collectors."""
+        """Add the scrape-time collectors of live state."""
         self.registry.register(EngineCollector(manager))
         self.registry.register(GpuCollector(gpus or nvml_gpus))
-
-    def _child(self, metric: Any, *labels: str) -> Any:
-        key = (id(metric), *labels)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = metric.labels(*labels)
-        return child
 
     # ------------------------------------------------------------ data plane
 
     def request(self, model: str, backend: str, status: int, code: str, seconds: float) -> None:
-        self._child(self.requests, model, backend, str(status), code).inc()
-        self._child(self.latency, model).observe(seconds)
+        self.requests.inc((model, backend, str(status), code))
+        self.latency.observe((model,), seconds)
         if status == 429:
-            self._child(self.rejections, model, code).inc()
+            self.rejections.inc((model, code))
 
     def stream(self, model: str, ttft: float | None, tokens: int) -> None:
         if ttft is not None:
-            self._child(self.ttft, model).observe(ttft)
+            self.ttft.observe((model,), ttft)
         if tokens:
-            self._child(self.tokens, model).inc(tokens)
+            self.tokens.inc((model,), tokens)
 
     def offload(self, model: str, target: str) -> None:
-        self._child(self.offloads, model, target).inc()
+        self.offloads.inc((model, target))
 
     # --------------------------------------------------------- EngineEvents
 
     def started(self, model: str, backend: str, seconds: float) -> None:
-        self._child(self.starts, model, backend).inc()
-        self._child(self.startup, model, backend).observe(seconds)
+        self.starts.inc((model, backend))
+        self.startup.observe((model, backend), seconds)
 
     def start_failed(self, model: str, backend: str) -> None:
-        self._child(self.start_failures, model, backend).inc()
+        self.start_failures.inc((model, backend))
 
     def stopped(self, model: str, backend: str) -> None:
-        self._child(self.stops, model, backend).inc()
+        self.stops.inc((model, backend))
 
     def crashed(self, model: str, backend: str) -> None:
-        self._child(self.crashes, model, backend).inc()
+        self.crashes.inc((model, backend))
 
 
 class EngineCollector(Collector):
