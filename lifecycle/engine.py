@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
@@ -40,8 +41,8 @@ from lifecycle.pidrecords import PidRecords
 from lifecycle.ports import free_port
 from lifecycle.probe import Prober
 from lifecycle.process import (
+    EngineProcess,
     LogTail,
-    Spawned,
     descendants,
     kill_group_now,
     pump_output,
@@ -119,11 +120,11 @@ class Engine:
         self._changed = asyncio.Condition()
         self._transition: asyncio.Task[None] | None = None
         self._abort = asyncio.Event()
-        self._proc: asyncio.subprocess.Process | None = None
-        self._spawned: Spawned | None = None
+        self._proc: EngineProcess | None = None
         self._exited: asyncio.Task[int] | None = None
         self._pump: asyncio.Task[None] | None = None
         self._port: int | None = None
+        self.api_key: str | None = None  # this launch's key; only the daemon knows it
         self._idle_handle: asyncio.TimerHandle | None = None
         self._idle = asyncio.Event()
         self._idle.set()
@@ -409,6 +410,8 @@ class Engine:
     async def _launch(self) -> None:
         settings = self._services.settings
         self._port = self.spec.port or free_port()
+        # Hex, never url-safe base64: a key starting with "-" reads as a flag to argparse.
+        self.api_key = secrets.token_hex(24)
         try:
             model_path = await asyncio.to_thread(self._services.model_files.resolve, self.spec.model_path)
         except ModelFileError as exc:
@@ -421,16 +424,17 @@ class Engine:
             override_env=self._override.env if self._override else {},
             sglang_max_running_requests=settings.sglang_max_running_requests,
             sglang_max_total_tokens=settings.sglang_max_total_tokens,
+            api_key=self.api_key,
         )
         launch = self.backend.launch(self.spec, ctx)
+        self.log.secret = self.api_key
         try:
-            self._spawned = await spawn(launch.argv, launch.env, self.log)
+            self._proc = await spawn(launch.argv, launch.env, self.log)
         except OSError as exc:
             self.log.write(f"=== could not launch: {exc}")
             raise self._start_error(f"could not launch '{launch.argv[0]}': {exc}") from exc
-        self._proc = self._spawned.proc
         self._services.pid_records.write(self.name, self._proc.pid)
-        self._pump = asyncio.get_running_loop().create_task(pump_output(self._spawned.output, self.log))
+        self._pump = asyncio.get_running_loop().create_task(pump_output(self._proc.output, self.log))
         self._exited = asyncio.get_running_loop().create_task(self._proc.wait())
 
     async def _await_ready(self, deadline: float, timeout: float) -> None:
@@ -448,7 +452,7 @@ class Engine:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise self._start_error(f"engine not ready after {timeout:.0f}s (STARTUP_TIMEOUT)")
-                if await self._services.prober.ok(url, min(PROBE_TIMEOUT, remaining)):
+                if await self._services.prober.ok(url, min(PROBE_TIMEOUT, remaining), self.api_key):
                     return
                 await asyncio.wait(
                     {self._exited, aborted}, timeout=min(READY_POLL_INTERVAL, max(remaining, 0))
@@ -500,8 +504,7 @@ class Engine:
         if self._pump is not None:
             self._pump.cancel()
             self._pump = None
-        if self._spawned is not None:
-            self._spawned.close_output()
-            self._spawned = None
+        if proc is not None:
+            proc.close_output()
         self._exited = None
         self._port = None

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import subprocess
 import time
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
@@ -30,9 +31,12 @@ class LogTail:
     def __init__(self, path: Path, keep: int = TAIL_LINES) -> None:
         self.path = path
         self._lines: deque[str] = deque(maxlen=keep)
+        self.secret: str | None = None  # the engine's launch key: never written out
         path.parent.mkdir(parents=True, exist_ok=True)
 
     def write(self, line: str) -> None:
+        if self.secret and self.secret in line:
+            line = line.replace(self.secret, "***")
         self._lines.append(line)
         with self.path.open("a", encoding="utf-8", errors="replace") as f:
             f.write(line + "\n")
@@ -63,38 +67,78 @@ class LogTail:
         return data, offset + len(data)
 
 
-class Spawned:
-    """A started engine: the process, and the read end of its output pipe.
+class EngineProcess:
+    """A started engine and the read end of its output pipe.
 
-    The pipe is ours, not asyncio's subprocess transport's: in Python 3.11
-    `Process.wait()` does not return until every pipe the transport owns is
-    closed, and an engine's children inherit its stdout — so a crashed
-    engine with a live child would never be seen to exit.
+    Spawned with subprocess.Popen, not the event loop's subprocess support:
+    uvloop forks through libuv and runs Python's at-fork handlers in the
+    child before exec, so a lock held by another thread at that moment
+    (a worker of asyncio.to_thread, say) deadlocks the child — and libuv
+    blocks the daemon's event loop until the child execs. Seen once in a
+    soak run: the whole daemon froze. CPython's fork_exec runs no Python
+    between fork and exec and calls setsid() in C.
+
+    Exit is watched without threads: a pidfd becomes readable when the
+    process ends (polling where pidfds are unavailable). The output pipe is
+    ours too: children that inherit it cannot delay the exit notice.
     """
 
-    def __init__(
-        self, proc: asyncio.subprocess.Process, output: asyncio.StreamReader, transport: asyncio.ReadTransport
-    ) -> None:
-        self.proc = proc
+    def __init__(self, popen: subprocess.Popen[bytes], output: asyncio.StreamReader,
+                 transport: asyncio.ReadTransport) -> None:  # fmt: skip
+        self.popen = popen
+        self.pid = popen.pid
         self.output = output
         self._transport = transport
+        self._loop = asyncio.get_running_loop()
+        self._exited: asyncio.Future[int] = self._loop.create_future()
+        self._poller: asyncio.Task[None] | None = None
+        try:
+            self._pidfd = os.pidfd_open(self.pid)
+            self._loop.add_reader(self._pidfd, self._on_exit)
+        except (AttributeError, OSError):  # no pidfd on this kernel: poll
+            self._pidfd = -1
+            self._poller = self._loop.create_task(self._poll())
+
+    @property
+    def returncode(self) -> int | None:
+        return self.popen.returncode
+
+    def _on_exit(self) -> None:
+        self._loop.remove_reader(self._pidfd)
+        os.close(self._pidfd)
+        self._reap()
+
+    async def _poll(self) -> None:
+        while self.popen.poll() is None:  # noqa: ASYNC110 -- no pidfd: nothing to wait on but time
+            await asyncio.sleep(POLL_INTERVAL)
+        self._reap()
+
+    def _reap(self) -> None:
+        code = self.popen.wait()  # it has exited: this returns at once
+        if not self._exited.done():
+            self._exited.set_result(code)
+
+    async def wait(self) -> int:
+        return await asyncio.shield(self._exited)
 
     def close_output(self) -> None:
         self._transport.close()
 
 
-async def spawn(argv: Sequence[str], env: Mapping[str, str], log: LogTail) -> Spawned:
+async def spawn(argv: Sequence[str], env: Mapping[str, str], log: LogTail) -> EngineProcess:
     """Start `argv` as the leader of a new session, its output into a pipe we read."""
     log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} starting: {' '.join(argv)}")
     read_fd, write_fd = os.pipe()
     try:
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
+        # Blocking on purpose: fork+exec in C takes milliseconds, see EngineProcess.
+        popen = subprocess.Popen(  # noqa: ASYNC220
+            list(argv),
             env=dict(env),
-            stdin=asyncio.subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL,
             stdout=write_fd,
             stderr=write_fd,
             start_new_session=True,
+            close_fds=True,
         )
     except BaseException:
         os.close(read_fd)
@@ -106,7 +150,7 @@ async def spawn(argv: Sequence[str], env: Mapping[str, str], log: LogTail) -> Sp
     transport, _ = await loop.connect_read_pipe(
         lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(read_fd, "rb", buffering=0)
     )
-    return Spawned(proc, reader, transport)
+    return EngineProcess(popen, reader, transport)
 
 
 async def pump_output(output: asyncio.StreamReader, log: LogTail) -> None:
