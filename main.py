@@ -13,10 +13,12 @@ import sys
 import uvicorn
 
 from api.app import create_app
+from api.auth import Authenticator
 from api.context import AppContext
 from api.metrics import Metrics
 from api.request_log import configure_logging
 from config.environment import engine_base_env
+from config.keys import load_keys
 from config.models import ConfigError, load_registry
 from config.settings import Settings, resolve_execution_mode
 from lifecycle.gpus import nvml_gpu_count
@@ -33,7 +35,17 @@ def build(settings: Settings) -> AppContext:
     metrics = Metrics()
     manager = EngineManager(registry, settings, engine_base_env(), events=metrics)
     metrics.watch(manager)
-    return AppContext(settings=settings, manager=manager, execution_mode=mode, metrics=metrics)
+    admin_key = settings.admin_api_key.get_secret_value() if settings.admin_api_key else None
+    keys = load_keys(settings.api_keys.get_secret_value(), settings.api_keys_file, admin_key)
+    if not keys.enforced:
+        log.warning(
+            "no API keys are configured (API_KEYS, API_KEYS_FILE): anyone who can reach %s:%d may use "
+            "every model", settings.router_host, settings.router_port,
+        )  # fmt: skip
+    if keys.admin_sha256 is None:
+        log.warning("ADMIN_API_KEY is not set: admin routes answer only requests from loopback")
+    auth = Authenticator(keys, max_tokens=settings.max_tokens_limit, max_n=settings.max_n_limit)
+    return AppContext(settings=settings, manager=manager, execution_mode=mode, metrics=metrics, auth=auth)
 
 
 def main() -> int:
@@ -42,7 +54,7 @@ def main() -> int:
     try:
         ctx = build(settings)
     except ConfigError as exc:
-        print(f"unified-inference: invalid model registry:\n{exc}", file=sys.stderr)
+        print(f"unified-inference: invalid configuration:\n{exc}", file=sys.stderr)
         return 2
     log.info(
         "serving %d model(s) from %s in %s mode on %s:%d",

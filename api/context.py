@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from api.auth import Authenticator
 from api.metrics import Metrics
 from config.models import Registry
 from config.settings import ExecutionMode, Settings
@@ -17,6 +18,7 @@ class AppContext:
     manager: EngineManager
     execution_mode: ExecutionMode
     metrics: Metrics
+    auth: Authenticator
 
     @property
     def registry(self) -> Registry:

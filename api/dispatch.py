@@ -14,7 +14,10 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any
 
+from api.auth import Authenticator
+from api.errors import send_error
 from api.request_log import REQUEST_ID, access_log, request_id_from
+from router.errors import RouterError
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -23,10 +26,15 @@ ASGIApp = Callable[
 ]
 
 
+OPEN_PATHS = frozenset({"/health"})
+ADMIN_PREFIX = "/v1/admin/"
+
+
 class Dispatcher:
-    def __init__(self, app: ASGIApp, fast_paths: Mapping[str, ASGIApp]) -> None:
+    def __init__(self, app: ASGIApp, fast_paths: Mapping[str, ASGIApp], auth: Authenticator) -> None:
         self.app = app
         self.fast_paths = dict(fast_paths)
+        self.auth = auth
 
     async def __call__(
         self,
@@ -63,8 +71,22 @@ class Dispatcher:
             await send(message)
 
         try:
+            self._authorize(scope)
+        except RouterError as exc:
+            await send_error(send_with_id, exc)
+        else:
             await self.app(scope, receive, send_with_id)
         finally:
             if access_log.isEnabledFor(logging.INFO):
                 ms = (time.perf_counter() - t0) * 1000
                 access_log.info("%s %s %d %.1fms", scope["method"], scope["path"], status, ms)
+
+    def _authorize(self, scope: Scope) -> None:
+        """Admin routes need the admin key (or loopback); the rest any valid key, when keys exist."""
+        path = scope["path"]
+        if path in OPEN_PATHS:
+            return
+        if path.startswith(ADMIN_PREFIX):
+            self.auth.admin(scope["headers"], scope.get("client"))
+        else:
+            self.auth.client(scope["headers"])

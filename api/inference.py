@@ -14,10 +14,11 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, MutableMapping, Sequence
+from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from api.context import AppContext
+from api.errors import send_error
 from api.metrics import UNKNOWN_MODEL
 from api.request_log import REQUEST_ID, access_log, request_id_from
 from config.models import ModelSpec
@@ -48,15 +49,6 @@ INFERENCE_PATHS: dict[str, frozenset[str]] = {
     "/v1/rerank": frozenset({"reranker"}),
     "/v1/score": frozenset({"reranker"}),
 }
-
-
-async def send_error(send: Send, exc: RouterError, extra: Sequence[tuple[bytes, bytes]] = ()) -> None:
-    body = exc.json_bytes()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    headers += [(k.lower().encode(), v.encode()) for k, v in exc.headers().items()]
-    headers += list(extra)
-    await send({"type": "http.response.start", "status": exc.status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
 
 
 async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
@@ -162,11 +154,17 @@ class InferenceEndpoint:
         id_header = [(b"x-request-id", request_id.encode())]
         model, backend = UNKNOWN_MODEL, ""
         try:
+            key = self.ctx.auth.client(scope["headers"])  # before the body: refuse cheaply
             body = await read_body(scope, receive, self.ctx.settings.max_request_body_bytes)
             payload, requested = parse_payload(body)
             spec = self._spec(requested)
             model, backend = spec.name, spec.backend
-            engine = self._select(spec)
+            admission = self.ctx.auth.admit(key, spec.name, payload)
+            try:
+                engine = self._select(spec)
+            except RouterError:
+                admission.finish(0)
+                raise
             lease = engine.acquire()  # same event-loop step as the decision
         except RouterError as exc:
             await send_error(send, exc, id_header)
@@ -176,13 +174,15 @@ class InferenceEndpoint:
             return  # the client left before its request was read
         if engine.name != model:
             self.ctx.metrics.offload(model, engine.name)
+        tokens = 0
         with lease:
             guard = DisconnectGuard(receive)
             try:
                 relay = await self._forward(
-                    send, engine.spec, requested, payload, body, request_id, id_header
+                    send, engine, requested, payload, body, request_id, id_header, admission.counts_tokens
                 )
                 guard.close()
+                tokens = relay.tokens or relay.usage_tokens
                 self._done(model, backend, engine.name, relay.status, relay.error_code, t0, relay)
             except RouterError as exc:
                 guard.close()
@@ -199,6 +199,7 @@ class InferenceEndpoint:
                     current.uncancel()
             finally:
                 guard.close()
+                admission.finish(tokens)
 
     def _done(
         self, model: str, backend: str, served: str, status: int, code: str, t0: float, relay: Relay | None
@@ -239,14 +240,15 @@ class InferenceEndpoint:
     async def _forward(
         self,
         send: Send,
-        target: ModelSpec,
+        engine: Engine,
         requested: str,
         payload: dict[str, Any],
         body: bytes,
         request_id: str,
         id_header: list[tuple[bytes, bytes]],
+        count_usage: bool,
     ) -> Relay:
-        engine = self.ctx.manager.engines[target.name]
+        target = engine.spec
         try:
             base_url = await engine.ensure_ready(max_waiting=engine.max_waiting)
         except EngineQueueFull as exc:
@@ -261,10 +263,15 @@ class InferenceEndpoint:
             send,
             url=base_url + self.path,
             body=body,
-            headers={"Content-Type": "application/json", "X-Request-ID": request_id},
+            headers={
+                "Content-Type": "application/json",
+                "X-Request-ID": request_id,
+                "Authorization": f"Bearer {engine.api_key}",
+            },
             extra_headers=[(b"x-served-model", target.name.encode()), *id_header],
             rename=self._rename(served, requested),
             timeouts=engine.timeouts,
+            count_usage=count_usage,
         )
 
     def _rename(self, served: str, requested: str) -> Rename | None:

@@ -26,7 +26,8 @@ class LlamaCppBackend:
         argv += ["--interrupt_requests", "false"]
         if spec.type == "embedding":
             argv += ["--embedding", "true"]
-        if ctx.api_key:
-            argv += ["--api_key", ctx.api_key]
         argv += spec.args
-        return LaunchSpec(argv=tuple(argv), env=engine_env(spec, ctx))
+        env = engine_env(spec, ctx)
+        if ctx.api_key:  # its settings read API_KEY from the environment
+            env["API_KEY"] = ctx.api_key
+        return LaunchSpec(argv=tuple(argv), env=env)

@@ -30,7 +30,7 @@ class SGLangBackend:
             argv += ["--is-embedding"]
         if len(spec.gpu_ids) > 1:
             argv += ["--tp-size", str(len(spec.gpu_ids))]
-        if ctx.api_key:
+        if ctx.api_key:  # SGLang takes it only as a flag; the daemon redacts it from logs
             argv += ["--api-key", ctx.api_key]
         argv += spec.args
         return LaunchSpec(argv=tuple(argv), env=engine_env(spec, ctx))

@@ -30,7 +30,8 @@ class VLLMBackend:
             argv += ["--runner", "pooling"]
         if len(spec.gpu_ids) > 1:
             argv += ["--tensor-parallel-size", str(len(spec.gpu_ids))]
-        if ctx.api_key:
-            argv += ["--api-key", ctx.api_key]
         argv += spec.args
-        return LaunchSpec(argv=tuple(argv), env=engine_env(spec, ctx))
+        env = engine_env(spec, ctx)
+        if ctx.api_key:  # by environment: other users can read a command line, not an environment
+            env["VLLM_API_KEY"] = ctx.api_key
+        return LaunchSpec(argv=tuple(argv), env=env)

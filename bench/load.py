@@ -45,12 +45,14 @@ def wrk_available() -> bool:
     return shutil.which("wrk") is not None
 
 
-def run_wrk(url: str, body: dict[str, object], connections: int, duration: float) -> RateResult:
+def run_wrk(
+    url: str, body: dict[str, object], connections: int, duration: float, headers: dict[str, str]
+) -> RateResult:
     script = (
         'wrk.method = "POST"\n'
         f"wrk.body = {json.dumps(json.dumps(body))}\n"
         'wrk.headers["Content-Type"] = "application/json"\n'
-    )
+    ) + "".join(f"wrk.headers[{json.dumps(k)}] = {json.dumps(v)}\n" for k, v in headers.items())
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
         f.write(script)
     argv = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(duration))}s", "--latency", "-s", f.name, url]
@@ -68,20 +70,21 @@ def run_wrk(url: str, body: dict[str, object], connections: int, duration: float
 
 
 async def run_asyncio_rate(
-    url: str, body: dict[str, object], connections: int, duration: float
+    url: str, body: dict[str, object], connections: int, duration: float, headers: dict[str, str]
 ) -> RateResult:
     """Closed-loop fallback when wrk is not installed (slower: it shares the CPU)."""
     latencies: list[float] = []
     errors = 0
     deadline = time.monotonic() + duration
     payload = json.dumps(body).encode()
+    request_headers = {"Content-Type": "application/json", **headers}
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=connections)) as session:
 
         async def worker() -> None:
             nonlocal errors
             while time.monotonic() < deadline:
                 t0 = time.perf_counter()
-                async with session.post(url, data=payload, headers={"Content-Type": "application/json"}) as r:
+                async with session.post(url, data=payload, headers=request_headers) as r:
                     await r.read()
                     if r.status != 200:
                         errors += 1
@@ -95,10 +98,12 @@ async def run_asyncio_rate(
     )
 
 
-def measure_rate(url: str, body: dict[str, object], connections: int, duration: float) -> RateResult:
+def measure_rate(
+    url: str, body: dict[str, object], connections: int, duration: float, headers: dict[str, str]
+) -> RateResult:
     if wrk_available():
-        return run_wrk(url, body, connections, duration)
-    return asyncio.run(run_asyncio_rate(url, body, connections, duration))
+        return run_wrk(url, body, connections, duration, headers)
+    return asyncio.run(run_asyncio_rate(url, body, connections, duration, headers))
 
 
 @dataclass
@@ -116,10 +121,13 @@ class StreamResult:
         }
 
 
-async def run_streams(url: str, model: str, streams: int, tokens: int) -> StreamResult:
+async def run_streams(
+    url: str, model: str, streams: int, tokens: int, headers: dict[str, str]
+) -> StreamResult:
     """`streams` concurrent SSE requests; TTFT and the gaps between chunks as received."""
     result = StreamResult()
     body = json.dumps({"model": model, "prompt": "x", "max_tokens": tokens, "stream": True}).encode()
+    request_headers = {"Content-Type": "application/json", **headers}
     timeout = aiohttp.ClientTimeout(total=120)
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as session:
 
@@ -128,7 +136,7 @@ async def run_streams(url: str, model: str, streams: int, tokens: int) -> Stream
             last = None
             events = 0
             try:
-                async with session.post(url, data=body, headers={"Content-Type": "application/json"}) as r:
+                async with session.post(url, data=body, headers=request_headers) as r:
                     if r.status != 200:
                         result.errors += 1
                         return

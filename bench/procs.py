@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -80,11 +81,18 @@ def start_daemon(workdir: Path, models: list[dict[str, Any]], fake: bool = True,
     return proc
 
 
-def engine_url(daemon: Proc, model: str) -> str:
-    """Start `model` through the admin API and return its engine's own URL."""
+def engine_url(daemon: Proc, model: str) -> tuple[str, str]:
+    """Start `model` through the admin API; its engine's own URL and launch key.
+
+    Engines accept only the daemon's per-launch key; the benchmark (the same
+    user) reads it from the SGLang-dialect command line so that "direct" and
+    the routers can reach the same engine.
+    """
     resp = httpx.post(f"{daemon.url}/v1/admin/models/{model}/start", timeout=180)
     resp.raise_for_status()
-    return f"http://127.0.0.1:{resp.json()['port']}"
+    row = resp.json()
+    argv = psutil.Process(row["pid"]).cmdline()
+    return f"http://127.0.0.1:{row['port']}", argv[argv.index("--api-key") + 1]
 
 
 ROUTERS = {
@@ -101,7 +109,7 @@ def router_available(name: str) -> bool:
     return shutil.which("vllm-router") is not None
 
 
-def start_router(name: str, worker: str, workdir: Path) -> Proc:
+def start_router(name: str, worker: str, key: str, workdir: Path) -> Proc:
     port = free_port()
     argv = [
         *ROUTERS[name],
@@ -120,7 +128,11 @@ def start_router(name: str, worker: str, workdir: Path) -> Proc:
     body = {"model": "m", "prompt": "x", "max_tokens": 1}
     while True:  # ready when it forwards a request
         with contextlib.suppress(httpx.HTTPError):
-            if httpx.post(proc.url + "/v1/completions", json=body, timeout=2).status_code == 200:
+            headers = {"Authorization": f"Bearer {key}"}
+            if (
+                httpx.post(proc.url + "/v1/completions", json=body, headers=headers, timeout=2).status_code
+                == 200
+            ):
                 return proc
         if popen.poll() is not None or time.monotonic() > deadline:
             raise RuntimeError(f"{name} did not start (see {workdir})")

@@ -50,6 +50,13 @@ def check_targets(s: dict[str, Any]) -> list[tuple[str, str, bool]]:
             f"{d32['rps']:.0f} vs {r32['rps']:.0f} = {d32['rps'] / r32['rps']:.2f}x",
             d32["rps"] >= 0.9 * r32["rps"],
         ))  # fmt: skip
+    if "daemon+keys" in ns:
+        k32 = ns["daemon+keys"]["32"]
+        rows.append((
+            "with API keys: req/s within 5 % of the daemon without",
+            f"{k32['rps']:.0f} vs {d32['rps']:.0f} = {k32['rps'] / d32['rps']:.2f}x",
+            k32["rps"] >= 0.95 * d32["rps"],
+        ))  # fmt: skip
     d1, x1 = ns["daemon"]["1"], ns["direct"]["1"]
     rows.append((
         "non-streaming 1 conn: p50 <= direct + 0.5 ms",

@@ -30,6 +30,7 @@ from config.models import ModelSpec
 from config.settings import DEFAULT_MODELS_CONFIG
 from lifecycle.model_files import ModelFiles
 
+BENCH_KEY = "sk-bench-client-key-0001"
 FAST = {"name": "fast", "backend": "sglang", "model_path": "org/fast"}
 STREAM = {
     "name": "stream",
@@ -60,14 +61,33 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def measure_data_plane(args: argparse.Namespace, work: Path, procs: list[Proc], raw: dict[str, Any]) -> None:
     daemon = start_daemon(work / "main", [FAST, STREAM, COLD], OFFLOAD_QUEUE_THRESHOLD="1000000")
     procs.append(daemon)
-    fast, stream = engine_url(daemon, "fast"), engine_url(daemon, "stream")
-    targets = [(Target("direct", fast, "fast"), Target("direct", stream, "stream")),
-               (Target("daemon", daemon.url, "fast"), Target("daemon", daemon.url, "stream"))]  # fmt: skip
+    (fast, fast_key), (stream, stream_key) = engine_url(daemon, "fast"), engine_url(daemon, "stream")
+    # Every target gets the same bearer header (the daemon, with no client keys, ignores it).
+    targets = [
+        (Target("direct", fast, "fast", fast_key), Target("direct", stream, "stream", stream_key)),
+        (Target("daemon", daemon.url, "fast", fast_key), Target("daemon", daemon.url, "stream", stream_key)),
+    ]
+    # The same daemon with client keys enforced (its own engine, same fake engine).
+    keyed = start_daemon(
+        work / "keyed", [FAST, STREAM], OFFLOAD_QUEUE_THRESHOLD="1000000", API_KEYS=BENCH_KEY
+    )
+    procs.append(keyed)
+    for model in ("fast", "stream"):
+        engine_url(keyed, model)
+    targets.append(
+        (
+            Target("daemon+keys", keyed.url, "fast", BENCH_KEY),
+            Target("daemon+keys", keyed.url, "stream", BENCH_KEY),
+        )
+    )
     for name in ROUTERS:
         if router_available(name):
-            r_fast, r_stream = start_router(name, fast, work), start_router(name, stream, work)
+            r_fast = start_router(name, fast, fast_key, work)
+            r_stream = start_router(name, stream, stream_key, work)
             procs += [r_fast, r_stream]
-            targets.append((Target(name, r_fast.url, "fast"), Target(name, r_stream.url, "stream")))
+            targets.append(
+                (Target(name, r_fast.url, "fast", fast_key), Target(name, r_stream.url, "stream", stream_key))
+            )
         else:
             print(f"{name} is not installed: skipped (pip install {name})", file=sys.stderr)
     raw["rss"] = {"idle_mb": scenarios.rss_mb(daemon.popen.pid), "streaming_peak_mb": 0.0}

@@ -31,11 +31,16 @@ class Target:
     name: str
     base_url: str  # requests go to base_url + /v1/completions
     model: str
+    key: str = ""  # sent as a bearer token (the engine's launch key, or a client key)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.key}"} if self.key else {}
 
 
 def rate(target: Target, connections: int, duration: float) -> RateResult:
     body = {"model": target.model, "prompt": "hi", "max_tokens": 16}
-    return measure_rate(target.base_url + "/v1/completions", body, connections, duration)
+    return measure_rate(target.base_url + "/v1/completions", body, connections, duration, target.headers)
 
 
 class RssSampler:
@@ -62,7 +67,7 @@ class RssSampler:
 
 def streaming(target: Target, streams: int, tokens: int) -> dict[str, float]:
     return asyncio.run(
-        run_streams(target.base_url + "/v1/completions", target.model, streams, tokens)
+        run_streams(target.base_url + "/v1/completions", target.model, streams, tokens, target.headers)
     ).summary()
 
 

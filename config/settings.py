@@ -11,7 +11,7 @@ import shlex
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from config.models import ModelTimeouts, Timeouts
@@ -76,6 +76,16 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     # "text" (one line, with the request ID) or "json" (one JSON object per line).
     log_format: Literal["text", "json"] = "text"
+
+    # Client keys (comma-separated) and/or a YAML keys file with per-key policy
+    # (see config/keys.py); the admin key for /v1/admin/*. No client keys: the
+    # API is open (a warning says so). No admin key: admin answers loopback only.
+    api_keys: SecretStr = SecretStr("")
+    api_keys_file: Path | None = None
+    admin_api_key: SecretStr | None = None
+    # Global caps on what a request may ask for (0 = none); keys may set lower ones.
+    max_tokens_limit: int = Field(0, ge=0)
+    max_n_limit: int = Field(0, ge=0)
 
     # How to launch each engine when models.yaml has no `engines:` entry for
     # it (shell-style strings, e.g. "/opt/sglang/bin/python -m sglang.launch_server").

@@ -154,7 +154,7 @@ class EngineManager:
 
     async def _probe(self, engine: Engine, interval: float) -> bool:
         url = engine.base_url + engine.backend.liveness_path
-        return await self._prober.ok(url, timeout=max(interval, 1.0))
+        return await self._prober.ok(url, timeout=max(interval, 1.0), api_key=engine.api_key)
 
     def _note(self, engine: Engine, ok: bool) -> None:
         if ok or engine.state is not EngineState.READY:

@@ -3,7 +3,10 @@
     RouterError                      {"error": {"code", "type", "message", ...}}
      ├── ModelRequired          400  MODEL_REQUIRED
      ├── InvalidRequest         400  INVALID_JSON, INVALID_BODY (malformed or non-object body),
-     │                               ENDPOINT_NOT_SUPPORTED (e.g. chat with an embedding model)
+     │                               ENDPOINT_NOT_SUPPORTED (e.g. chat with an embedding model),
+     │                               LIMIT_EXCEEDED (max_tokens or n over a key's or the global limit)
+     ├── Unauthorized           401  UNAUTHORIZED (missing or wrong API key; + WWW-Authenticate)
+     ├── Forbidden              403  FORBIDDEN (model not allowed for the key; client key on admin route)
      ├── NotFound               404  NOT_FOUND (no such route)
      ├── ModelNotFound          404  MODEL_NOT_FOUND (+ available_models, install_endpoint)
      ├── MethodNotAllowed       405  METHOD_NOT_ALLOWED
@@ -12,6 +15,7 @@
      ├── InvalidConfig          400  INVALID_CONFIG (a reload found models.yaml invalid; + problems)
      ├── GpuOverloaded          429  GPU_OVERLOADED (+ Retry-After)
      ├── QueueFull              429  QUEUE_FULL (too many requests wait for one engine's start; + Retry-After)
+     ├── RateLimited            429  RATE_LIMITED (a key's per-minute or concurrency limit; + Retry-After)
      ├── BackendUnavailable     502  BACKEND_UNAVAILABLE (connection to the engine failed or broke)
      ├── ModelUnavailable       503  MODEL_UNAVAILABLE (start failed, backing off, draining, or wrong mode)
      ├── ShuttingDown           503  SHUTTING_DOWN (a stream cut off when the shutdown grace ran out)
@@ -72,6 +76,25 @@ class InvalidJson(InvalidRequest):
 
 class EndpointNotSupported(InvalidRequest):
     code = "ENDPOINT_NOT_SUPPORTED"
+
+
+class LimitExceeded(InvalidRequest):
+    code = "LIMIT_EXCEEDED"
+
+
+class Unauthorized(RouterError):
+    status, code, type = 401, "UNAUTHORIZED", "authentication_error"
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": "Bearer"}
+
+
+class Forbidden(RouterError):
+    status, code, type = 403, "FORBIDDEN", "permission_error"
+
+
+class RateLimited(RouterError):
+    status, code, type = 429, "RATE_LIMITED", "rate_limit_error"
 
 
 class NotFound(RouterError):

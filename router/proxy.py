@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import math
 import re
 import time
@@ -100,6 +101,7 @@ class Upstream:
         extra_headers: list[tuple[bytes, bytes]],
         rename: Rename | None,
         timeouts: Timeouts,
+        count_usage: bool = False,
     ) -> Relay:
         """Relay the engine's answer to `send`; the Relay returned says how it went.
 
@@ -114,7 +116,7 @@ class Upstream:
         assert self._session is not None, "Upstream.start() was not called"
         loop = asyncio.get_running_loop()
         hard = loop.time() + timeouts.total if timeouts.total else math.inf
-        relay = Relay(send, extra_headers, rename)
+        relay = Relay(send, extra_headers, rename, count_usage)
         try:
             async with asyncio.timeout_at(min(loop.time() + timeouts.first_byte, hard)) as deadline:
                 resp = await self._session.post(
@@ -156,8 +158,12 @@ def _translate(exc: Exception, doing: str) -> RouterError:
 class Relay:
     """Sends the engine's answer to the client, and keeps what metrics need of it."""
 
-    def __init__(self, send: Send, extra: list[tuple[bytes, bytes]], rename: Rename | None) -> None:
+    def __init__(
+        self, send: Send, extra: list[tuple[bytes, bytes]], rename: Rename | None, count_usage: bool = False
+    ) -> None:
         self.send = send
+        self.count_usage = count_usage
+        self.usage_tokens = 0  # the answer's usage.total_tokens, when asked to count it
         self.extra = extra
         self.rename = rename
         self.started = False
@@ -175,6 +181,8 @@ class Relay:
     async def document(self, resp: aiohttp.ClientResponse) -> None:
         self.doing = "reading the answer"
         data = await resp.read()
+        if self.count_usage:
+            self.usage_tokens = _usage_tokens(data)
         if self.rename is not None:
             data = self.rename.apply(data)
         headers = self._headers(resp)
@@ -212,3 +220,12 @@ class Relay:
         self.error_code = error.code
         await self.send({"type": "http.response.body", "body": error.sse_event(), "more_body": True})
         await self.send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+def _usage_tokens(data: bytes) -> int:
+    """usage.total_tokens of a JSON answer (0 if it has none)."""
+    try:
+        usage = json.loads(data).get("usage") or {}
+        return int(usage.get("total_tokens") or 0)
+    except (ValueError, AttributeError, TypeError):
+        return 0

@@ -113,7 +113,9 @@ class FakeEngine:
         self.args = args
         self.knobs = knobs
         self.name = self._served_name(args)
-        self.api_key = getattr(args, "api_key", None)
+        # Like the real engines: SGLang takes --api-key, vLLM VLLM_API_KEY, llama.cpp API_KEY.
+        env_key = {"vllm": "VLLM_API_KEY", "llamacpp": "API_KEY"}.get(args.dialect)
+        self.api_key = getattr(args, "api_key", None) or (os.environ.get(env_key) if env_key else None)
         self.ready_at = time.monotonic() + knobs.warmup
         self.stats = {"requests": 0, "in_flight": 0, "max_in_flight": 0, "cancelled": 0}
         self.tokens_sent = 0

@@ -52,7 +52,14 @@ def test_vllm_model_is_positional_and_host_is_loopback() -> None:
     assert spec.argv[:5] == (sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", "org/m")
     assert _flag(spec.argv, "--host") == "127.0.0.1"
     assert _flag(spec.argv, "--runner") == "pooling"
-    assert _flag(spec.argv, "--api-key") == "k"
+    assert spec.env["VLLM_API_KEY"] == "k" and "k" not in spec.argv, "keys go by environment, not argv"
+
+
+def test_launch_keys() -> None:
+    sglang = backend_for("sglang").launch(_spec(), _ctx(api_key="secret-k"))
+    assert _flag(sglang.argv, "--api-key") == "secret-k"  # SGLang has no other way
+    llama = backend_for("llamacpp").launch(_spec(backend="llamacpp"), _ctx(api_key="secret-k"))
+    assert llama.env["API_KEY"] == "secret-k" and "secret-k" not in llama.argv
 
 
 def test_llamacpp_never_interrupts_and_runs_on_cpu() -> None:

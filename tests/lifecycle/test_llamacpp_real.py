@@ -26,20 +26,21 @@ async def test_default_gemma_model_starts_and_generates(settings_for: Callable[.
         assert engine is not None
         url = await engine.ensure_ready()
         pid = engine.pid
+        body = {
+            "model": "gemma-3-270m",
+            "prompt": "The capital of France is",
+            "max_tokens": 8,
+            "temperature": 0,
+        }
         async with httpx.AsyncClient(base_url=url, timeout=120) as client:
-            resp = await client.post(
-                "/v1/completions",
-                json={
-                    "model": "gemma-3-270m",
-                    "prompt": "The capital of France is",
-                    "max_tokens": 8,
-                    "temperature": 0,
-                },
-            )
+            refused = await client.post("/v1/completions", json=body)
+            assert refused.status_code == 401, "the engine refuses anyone without its launch key"
+            headers = {"Authorization": f"Bearer {engine.api_key}"}
+            resp = await client.post("/v1/completions", json=body, headers=headers)
         assert resp.status_code == 200, resp.text
-        body: dict[str, Any] = resp.json()
-        assert body["usage"]["completion_tokens"] > 0
-        assert body["choices"][0]["text"].strip()
+        answer: dict[str, Any] = resp.json()
+        assert answer["usage"]["completion_tokens"] > 0
+        assert answer["choices"][0]["text"].strip()
     finally:
         await manager.shutdown()
     assert engine.state is EngineState.STOPPED

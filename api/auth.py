@@ -1,0 +1,213 @@
+"""Who may do what: client keys and their limits, and the admin key.
+
+- Client routes need a client key when any is configured (`Authorization:
+  Bearer <key>` or `x-api-key`); otherwise they are open and the daemon says
+  so at start-up.
+- Admin routes need ADMIN_API_KEY; without one they answer only loopback.
+  A client key is refused there (403).
+- A key is looked up by its SHA-256 and compared in constant time; keys are
+  never logged or echoed (errors name the key's `name`).
+- Limits per key: allowed models, requests and tokens per minute (token
+  buckets; tokens are charged after the answer, so a request may run the
+  bucket into debt and the next one waits), concurrent requests, and the
+  compute a request may ask for (`max_tokens`, `n`; also global limits).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from config.keys import KeyPolicy, KeyStore
+from router.errors import Forbidden, LimitExceeded, RateLimited, Unauthorized
+
+
+class TokenBucket:
+    """`per_minute` units, refilled continuously; `level` may go negative (debt)."""
+
+    def __init__(self, per_minute: float) -> None:
+        self.capacity = per_minute
+        self.rate = per_minute / 60.0
+        self.level = per_minute
+        self._stamp = time.monotonic()
+
+    def _refill(self) -> None:
+        now = time.monotonic()
+        self.level = min(self.capacity, self.level + (now - self._stamp) * self.rate)
+        self._stamp = now
+
+    def wait_for(self, amount: float) -> float:
+        """Seconds until `amount` is available (0: available now)."""
+        self._refill()
+        return 0.0 if self.level >= amount else (amount - self.level) / self.rate
+
+    def take(self, amount: float) -> None:
+        self._refill()
+        self.level -= amount
+
+
+Limits = tuple[tuple[str, int], ...]  # (request field, largest value allowed)
+
+
+def effective_limits(policy: KeyPolicy | None, max_tokens: int, max_n: int) -> Limits:
+    """The per-key limit, or the global one, whichever is lower; computed once, not per request."""
+
+    def lower(a: int | None, b: int) -> int | None:
+        values = [v for v in (a, b or None) if v is not None]
+        return min(values) if values else None
+
+    tokens = lower(policy.max_tokens if policy else None, max_tokens)
+    n = lower(policy.max_n if policy else None, max_n)
+    limits: list[tuple[str, int]] = []
+    if tokens is not None:
+        limits += [("max_tokens", tokens), ("max_completion_tokens", tokens)]
+    if n is not None:
+        limits.append(("n", n))
+    return tuple(limits)
+
+
+@dataclass
+class KeyState:
+    policy: KeyPolicy
+    requests: TokenBucket | None
+    tokens: TokenBucket | None
+    limits: Limits = ()
+    in_flight: int = 0
+
+
+@dataclass
+class Admission:
+    """A client request let in; `finish()` charges its tokens and frees its slot."""
+
+    state: KeyState | None
+    done: bool = field(default=False)
+
+    @property
+    def counts_tokens(self) -> bool:
+        return self.state is not None and self.state.tokens is not None
+
+    def finish(self, tokens: int) -> None:
+        if self.done or self.state is None:
+            return
+        self.done = True
+        self.state.in_flight -= 1
+        if self.state.tokens is not None and tokens:
+            self.state.tokens.take(tokens)
+
+
+OPEN = Admission(state=None, done=True)
+
+
+def presented_key(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
+    for name, value in headers:
+        if name == b"authorization":
+            scheme, _, token = value.decode("latin-1").partition(" ")
+            if scheme.lower() == "bearer" and token.strip():
+                return token.strip()
+        elif name == b"x-api-key" and value:
+            return value.decode("latin-1")
+    return None
+
+
+def _is_loopback(client: tuple[str, int] | None) -> bool:
+    if client is None:
+        return False
+    try:
+        return ipaddress.ip_address(client[0]).is_loopback
+    except ValueError:
+        return False
+
+
+class Authenticator:
+    def __init__(self, store: KeyStore, max_tokens: int = 0, max_n: int = 0) -> None:
+        self.store = store
+        self._global_limits = effective_limits(None, max_tokens, max_n)
+        self._states = {
+            sha: KeyState(
+                policy=p,
+                requests=TokenBucket(p.requests_per_minute) if p.requests_per_minute else None,
+                tokens=TokenBucket(p.tokens_per_minute) if p.tokens_per_minute else None,
+                limits=effective_limits(p, max_tokens, max_n),
+            )
+            for sha, p in store.clients.items()
+        }
+
+    def _lookup(self, key: str) -> KeyState | None:
+        sha = hashlib.sha256(key.encode()).hexdigest()
+        state = self._states.get(sha)
+        if state is not None and hmac.compare_digest(sha, state.policy.sha256):
+            return state
+        return None
+
+    def _is_admin(self, key: str | None) -> bool:
+        admin = self.store.admin_sha256
+        if admin is None or key is None:
+            return False
+        return hmac.compare_digest(hashlib.sha256(key.encode()).hexdigest(), admin)
+
+    # --------------------------------------------------------------- clients
+
+    def client(self, headers: Iterable[tuple[bytes, bytes]]) -> KeyState | None:
+        """The caller's key state; None when no client keys are configured."""
+        if not self.store.enforced:
+            return None
+        key = presented_key(headers)
+        if key is None:
+            raise Unauthorized("An API key is required: Authorization: Bearer <key>, or x-api-key")
+        state = self._lookup(key)
+        if state is None and self._is_admin(key):
+            return None  # the admin key may do anything a client may
+        if state is None:
+            raise Unauthorized("The API key is not valid")
+        return state
+
+    def admit(self, state: KeyState | None, model: str, payload: Mapping[str, Any]) -> Admission:
+        """Check the request against global and per-key limits; count it in flight."""
+        if state is None:
+            if self._global_limits:
+                _check_compute(self._global_limits, payload)
+            return OPEN
+        if state.limits:
+            _check_compute(state.limits, payload)
+        policy = state.policy
+        if policy.models is not None and model not in policy.models:
+            raise Forbidden(f"Key '{policy.name}' may not use model '{model}'")
+        if policy.max_concurrent is not None and state.in_flight >= policy.max_concurrent:
+            raise RateLimited(
+                f"Key '{policy.name}' already has {state.in_flight} requests in flight "
+                f"(limit {policy.max_concurrent})",
+                retry_after=1.0,
+            )
+        for bucket, unit in ((state.requests, "requests"), (state.tokens, "tokens")):
+            if bucket is not None and (wait := bucket.wait_for(1.0)) > 0:
+                raise RateLimited(f"Key '{policy.name}' is over its {unit} per minute", retry_after=wait)
+        if state.requests is not None:
+            state.requests.take(1.0)
+        state.in_flight += 1
+        return Admission(state=state)
+
+    # ----------------------------------------------------------------- admin
+
+    def admin(self, headers: Iterable[tuple[bytes, bytes]], client: tuple[str, int] | None) -> None:
+        key = presented_key(headers)
+        if self.store.admin_sha256 is None:
+            if not _is_loopback(client):
+                raise Forbidden("Admin routes answer only loopback when ADMIN_API_KEY is not set")
+            return
+        if self._is_admin(key):
+            return
+        if key is not None and self._lookup(key) is not None:
+            raise Forbidden("This is a client key; admin routes need ADMIN_API_KEY")
+        raise Unauthorized("Admin routes need ADMIN_API_KEY: Authorization: Bearer <key>")
+
+
+def _check_compute(limits: Limits, payload: Mapping[str, Any]) -> None:
+    for field_name, limit in limits:
+        value = payload.get(field_name)
+        if isinstance(value, int | float) and not isinstance(value, bool) and value > limit:
+            raise LimitExceeded(f"{field_name} is {value}; at most {limit} is allowed")

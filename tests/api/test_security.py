@@ -1,0 +1,180 @@
+"""API keys, admin separation, per-key limits, and engines reachable only through the daemon."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+import yaml
+
+from api.auth import Authenticator
+from config.keys import digest, load_keys
+from router.errors import Forbidden
+from tests.helpers import Daemon, fake_model, registry_doc
+
+ALICE, BOB, CAROL, ADMIN = (
+    "sk-alice-0123456789",
+    "sk-bob-0123456789",
+    "sk-carol-0123456789",
+    "sk-admin-987654321",
+)
+PLAIN = "sk-plain-0123456789"
+KEYS = {
+    "keys": [
+        {"key": ALICE, "name": "alice", "models": ["cpu"], "requests_per_minute": 20},
+        {"key_sha256": digest(BOB), "name": "bob", "tokens_per_minute": 1200},
+        {"key": CAROL, "name": "carol", "max_concurrent": 1, "max_tokens": 50},
+    ]
+}
+DOC = registry_doc(
+    fake_model("cpu", backend="llamacpp"),
+    fake_model("gpu", backend="vllm"),
+    fake_model("slow", backend="sglang", env={"FAKE_TOKEN_DELAY": "0.05"}),
+)
+
+
+@pytest.fixture
+def daemon(daemon_for: Any, tmp_path: Path) -> Daemon:
+    keys_file = tmp_path / "keys.yaml"
+    keys_file.write_text(yaml.safe_dump(KEYS))
+    started: Daemon = daemon_for(
+        DOC, API_KEYS=PLAIN, API_KEYS_FILE=str(keys_file), ADMIN_API_KEY=ADMIN, MAX_N_LIMIT="2"
+    ).start()
+    return started
+
+
+def _as(key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+def _post(c: httpx.Client, key: str | None, model: str = "cpu", **body: Any) -> httpx.Response:
+    return c.post(
+        "/v1/completions", json={"model": model, "prompt": "x", "max_tokens": 2, **body}, headers=_as(key)
+    )
+
+
+def _code(resp: httpx.Response) -> str:
+    return str(resp.json()["error"]["code"])
+
+
+def _served_again(c: httpx.Client, send: Any, timeout: float) -> float:
+    t0 = time.monotonic()
+    while (resp := send()).status_code == 429:
+        assert time.monotonic() - t0 < timeout, "the bucket never refilled"
+        time.sleep(0.1)
+    assert resp.status_code == 200
+    return time.monotonic() - t0
+
+
+def test_keys_are_required_and_checked(daemon: Daemon) -> None:
+    with daemon.client() as c:
+        missing = _post(c, None)
+        assert missing.status_code == 401 and _code(missing) == "UNAUTHORIZED"
+        assert missing.headers["www-authenticate"] == "Bearer"
+        assert _code(_post(c, "sk-wrong-0123456789")) == "UNAUTHORIZED"
+        assert _post(c, PLAIN).status_code == 200
+        alt = c.post("/v1/completions", json={"model": "cpu", "prompt": "x", "max_tokens": 1},
+                     headers={"x-api-key": PLAIN})  # fmt: skip
+        assert alt.status_code == 200
+        assert _post(c, BOB).status_code == 200, "a key given by its SHA-256 in the file works"
+        forbidden = _post(c, ALICE, model="gpu")
+        assert forbidden.status_code == 403 and _code(forbidden) == "FORBIDDEN"
+        assert "alice" in forbidden.json()["error"]["message"] and ALICE not in forbidden.text
+        assert c.get("/health").status_code == 200, "health stays open"
+        assert c.get("/v1/status").status_code == 401
+        assert c.get("/v1/status", headers=_as(PLAIN)).status_code == 200
+        assert c.get("/metrics", headers=_as(ADMIN)).status_code == 200
+
+
+def test_admin_routes_refuse_client_keys(daemon: Daemon) -> None:
+    with daemon.client() as c:
+        for path in ("/v1/admin/models/cpu/start", "/v1/admin/reload", "/v1/admin/models/cpu/stop"):
+            assert c.post(path).status_code == 401
+            client = c.post(path, headers=_as(PLAIN))
+            assert client.status_code == 403 and _code(client) == "FORBIDDEN"
+        assert c.get("/v1/admin/models/cpu/logs", headers=_as(ALICE)).status_code == 403
+        assert c.post("/v1/admin/models/cpu/start", headers=_as(ADMIN)).json()["state"] == "ready"
+        assert c.get("/v1/admin/models/cpu/logs", headers=_as(ADMIN)).status_code == 200
+
+
+def test_request_rate_limit_then_refill(daemon: Daemon) -> None:
+    with daemon.client() as c:
+        for _ in range(20):
+            assert _post(c, ALICE).status_code == 200
+        over = _post(c, ALICE)
+        assert over.status_code == 429 and _code(over) == "RATE_LIMITED"
+        assert 1 <= int(over.headers["retry-after"]) <= 3  # 20 a minute: one every 3 s
+        waited = _served_again(c, lambda: _post(c, ALICE), timeout=10)
+        assert waited > 0.5, "served again only once the bucket refilled"
+
+
+def test_token_rate_limit_counts_usage_and_stream_chunks(daemon: Daemon) -> None:
+    with daemon.client() as c:
+        with c.stream("POST", "/v1/completions", json={"model": "cpu", "prompt": "x", "max_tokens": 500,
+                                                       "stream": True}, headers=_as(BOB)) as s:  # fmt: skip
+            assert b"".join(s.iter_raw()).count(b"data: {") == 500  # 500 tokens: 700 of 1200 left
+        assert _post(c, BOB, max_tokens=600).status_code == 200  # usage 604: 96 left
+        assert _post(c, BOB, max_tokens=100).status_code == 200  # usage 104: in debt
+        over = _post(c, BOB)
+        assert over.status_code == 429 and "tokens per minute" in over.json()["error"]["message"]
+        assert int(over.headers["retry-after"]) >= 1
+        _served_again(c, lambda: _post(c, BOB), timeout=10)
+
+
+def test_concurrency_and_compute_limits(daemon: Daemon) -> None:
+    with daemon.client() as c:
+        too_many = _post(c, CAROL, max_tokens=100)
+        assert too_many.status_code == 400 and _code(too_many) == "LIMIT_EXCEEDED"
+        assert _code(_post(c, PLAIN, n=3)) == "LIMIT_EXCEEDED", "global MAX_N_LIMIT"
+        body = {"model": "slow", "prompt": "x", "max_tokens": 40, "stream": True}
+        with c.stream("POST", "/v1/completions", json=body, headers=_as(CAROL)) as held:
+            assert held.status_code == 200
+            second = _post(c, CAROL, model="slow")
+            assert second.status_code == 429 and "in flight" in second.json()["error"]["message"]
+        # Closing the stream frees the slot as soon as the daemon sees the disconnect.
+        _served_again(c, lambda: _post(c, CAROL, model="slow"), timeout=5)
+
+
+def test_engines_refuse_requests_without_their_launch_key(daemon: Daemon) -> None:
+    with daemon.client() as c:
+        for model in ("cpu", "gpu", "slow"):  # llama.cpp (API_KEY), vLLM (VLLM_API_KEY), SGLang (--api-key)
+            port = c.post(f"/v1/admin/models/{model}/start", headers=_as(ADMIN)).json()["port"]
+            body = {"model": model, "prompt": "x", "max_tokens": 1}
+            direct = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body)
+            assert direct.status_code == 401, model
+            guessed = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body, headers=_as(PLAIN))
+            assert guessed.status_code == 401, model
+            assert _post(c, PLAIN, model=model).status_code == 200
+
+
+def test_no_key_appears_in_any_log(daemon: Daemon) -> None:
+    with daemon.client() as c:
+        for key in (PLAIN, ALICE, BOB, CAROL, "sk-wrong-0123456789"):
+            _post(c, key)
+            _post(c, key, model="gpu")
+        c.post("/v1/admin/models/slow/start", headers=_as(ADMIN))
+        c.post("/v1/admin/models/slow/start", headers=_as(PLAIN))
+        launch_keys = []
+        for row in c.get("/v1/status", headers=_as(PLAIN)).json()["models"]:
+            proc = psutil.Process(row["pid"])
+            env = proc.environ()
+            argv = proc.cmdline()
+            key = env.get("VLLM_API_KEY") or env.get("API_KEY") or argv[argv.index("--api-key") + 1]
+            launch_keys.append(key)
+    assert len(launch_keys) == 3
+    logs = daemon.log() + "".join(p.read_text() for p in (daemon.workdir / "state" / "logs").glob("*.log"))
+    assert "--api-key ***" in logs, "SGLang's flag is redacted in its log"
+    for secret in (PLAIN, ALICE, BOB, CAROL, ADMIN, "sk-wrong-0123456789", *launch_keys):
+        assert secret not in logs
+
+
+def test_admin_without_admin_key_is_loopback_only() -> None:
+    auth = Authenticator(load_keys(PLAIN, None, None))
+    auth.admin([], ("127.0.0.1", 5000))
+    auth.admin([], ("::1", 5000))
+    with pytest.raises(Forbidden, match="loopback"):
+        auth.admin([(b"authorization", f"Bearer {PLAIN}".encode())], ("10.1.2.3", 5000))
