@@ -17,17 +17,11 @@ import httpx
 import psutil
 import yaml
 
+from lifecycle.ports import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 FAKE_ENGINE = ROOT / "tests" / "fake_engine.py"
 FAKE_ENGINES = {b: {"command": [sys.executable, str(FAKE_ENGINE), b]} for b in ("sglang", "vllm", "llamacpp")}
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_http(url: str, timeout: float, interval: float = 0.05) -> None:

@@ -20,10 +20,11 @@ import psutil
 from backends.base import LaunchContext
 from backends.registry import backend_for
 from bench.load import RateResult, first_chunk_ms, measure_rate, percentile, run_streams
-from bench.procs import FAKE_ENGINES, Proc, free_port
+from bench.procs import FAKE_ENGINES, Proc
 from config.environment import engine_base_env
 from config.models import ModelSpec
 from lifecycle.model_files import ModelFiles
+from lifecycle.ports import free_port
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,8 @@ import httpx
 import psutil
 import yaml
 
+from lifecycle.ports import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 FAKE_ENGINE = Path(__file__).resolve().parent / "fake_engine.py"
 FAKE_ENGINES = {b: {"command": [sys.executable, str(FAKE_ENGINE), b]} for b in ("sglang", "vllm", "llamacpp")}
@@ -46,14 +48,6 @@ def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0
         if time.monotonic() >= deadline:
             raise AssertionError(f"condition not met within {timeout}s")
         time.sleep(interval)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def pid_alive(pid: int) -> bool:

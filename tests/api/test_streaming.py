@@ -100,14 +100,7 @@ async def test_client_disconnect_cancels_the_engine_request(daemon: Daemon) -> N
             assert (await _status(c, "long"))["in_flight"] == 1
         # Leaving the block closed the connection mid-stream.
         await _poll(lambda: _in_flight_is(c, "long", 0), timeout=5)
-        port = (await _status(c, "long"))["port"]
-        async with httpx.AsyncClient(timeout=5) as engine:
-
-            async def engine_saw_cancel() -> bool:
-                stats = (await engine.get(f"http://127.0.0.1:{port}/fake/stats")).json()
-                return bool(stats["cancelled"] == 1 and stats["in_flight"] == 0)
-
-            await _poll(engine_saw_cancel, timeout=5)
+        await _engine_saw_one_cancel(c, "long")
 
 
 async def test_client_disconnect_cancels_a_non_streaming_request(daemon: Daemon) -> None:
@@ -117,14 +110,19 @@ async def test_client_disconnect_cancels_a_non_streaming_request(daemon: Daemon)
         with pytest.raises(httpx.ReadTimeout):
             await c.post("/v1/completions", json=body, timeout=httpx.Timeout(30, read=0.5))
         await _poll(lambda: _in_flight_is(c, "long", 0), timeout=5)
-        port = (await _status(c, "long"))["port"]
-        async with httpx.AsyncClient(timeout=5) as engine:
+        await _engine_saw_one_cancel(c, "long")
 
-            async def engine_saw_cancel() -> bool:
-                stats = (await engine.get(f"http://127.0.0.1:{port}/fake/stats")).json()
-                return bool(stats["cancelled"] == 1 and stats["in_flight"] == 0)
 
-            await _poll(engine_saw_cancel, timeout=5)
+async def _engine_saw_one_cancel(c: httpx.AsyncClient, model: str) -> None:
+    """The engine itself stopped the request: one cancelled, none in flight."""
+    port = (await _status(c, model))["port"]
+    async with httpx.AsyncClient(timeout=5) as engine:
+
+        async def saw_cancel() -> bool:
+            stats = (await engine.get(f"http://127.0.0.1:{port}/fake/stats")).json()
+            return bool(stats["cancelled"] == 1 and stats["in_flight"] == 0)
+
+        await _poll(saw_cancel, timeout=5)
 
 
 async def _in_flight_is(c: httpx.AsyncClient, name: str, n: int) -> bool:
