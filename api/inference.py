@@ -25,6 +25,7 @@ from config.models import ModelSpec
 from lifecycle.engine import Engine
 from lifecycle.state import EngineError, EngineQueueFull
 from router.errors import (
+    BackendConnectFailed,
     EndpointNotSupported,
     InvalidJson,
     InvalidRequest,
@@ -249,16 +250,42 @@ class InferenceEndpoint:
         count_usage: bool,
     ) -> Relay:
         target = engine.spec
-        try:
-            base_url = await engine.ensure_ready(max_waiting=engine.max_waiting)
-        except EngineQueueFull as exc:
-            raise QueueFull(exc.message, retry_after=1.0) from exc
-        except EngineError as exc:
-            raise ModelUnavailable(exc.message) from exc
+        base_url = await self._ready(engine)
         served = target.served_name
         if served != requested:
             payload["model"] = served
             body = json.dumps(payload).encode()
+        try:
+            return await self._send_upstream(send, engine, base_url, body, request_id, id_header, count_usage,
+                                             served, requested)  # fmt: skip
+        except BackendConnectFailed:
+            if not engine.check_exited():
+                raise
+            # The engine died before this request reached it: wait for a new one, send once more.
+            base_url = await self._ready(engine)
+            return await self._send_upstream(send, engine, base_url, body, request_id, id_header, count_usage,
+                                             served, requested)  # fmt: skip
+
+    async def _ready(self, engine: Engine) -> str:
+        try:
+            return await engine.ensure_ready(max_waiting=engine.max_waiting)
+        except EngineQueueFull as exc:
+            raise QueueFull(exc.message, retry_after=1.0) from exc
+        except EngineError as exc:
+            raise ModelUnavailable(exc.message) from exc
+
+    async def _send_upstream(
+        self,
+        send: Send,
+        engine: Engine,
+        base_url: str,
+        body: bytes,
+        request_id: str,
+        id_header: list[tuple[bytes, bytes]],
+        count_usage: bool,
+        served: str,
+        requested: str,
+    ) -> Relay:
         return await self.upstream.forward(
             send,
             url=base_url + self.path,
@@ -268,7 +295,7 @@ class InferenceEndpoint:
                 "X-Request-ID": request_id,
                 "Authorization": f"Bearer {engine.api_key}",
             },
-            extra_headers=[(b"x-served-model", target.name.encode()), *id_header],
+            extra_headers=[(b"x-served-model", engine.name.encode()), *id_header],
             rename=self._rename(served, requested),
             timeouts=engine.timeouts,
             count_usage=count_usage,

@@ -227,7 +227,7 @@ class Engine:
 
     def _on_idle(self) -> None:
         self._idle_handle = None
-        if self.in_flight == 0 and self._state is EngineState.READY and self._transition is None:
+        if self.in_flight == 0 and self._state is EngineState.READY and self._current() is None:
             log.info("engine '%s' idle for %.1fs: stopping", self.name, self.idle_timeout)
             self._begin(self._run_stop(EngineState.STOPPED, None))
 
@@ -244,13 +244,13 @@ class Engine:
         while True:
             if self._draining:
                 raise EngineDraining(self.name, f"model '{self.name}' is being stopped")
-            if self._state is EngineState.READY and self._transition is None:
+            if self._state is EngineState.READY and self._current() is None:
                 return self.base_url
             if max_waiting is not None and self.waiting >= max_waiting:
                 raise EngineQueueFull(
                     self.name, f"{self.waiting} requests already wait for model '{self.name}' to start"
                 )
-            task = self._transition
+            task = self._current()
             if task is None:
                 self._check_backoff(force)
                 task = self._begin(self._run_start())
@@ -284,7 +284,7 @@ class Engine:
             self._apply_pending()
 
     def _apply_pending(self) -> None:
-        if self._pending is None or self._transition is not None:
+        if self._pending is None or self._current() is not None:
             return
         if self._state in (EngineState.STOPPED, EngineState.FAILED):
             self._configure(*self._pending)
@@ -297,7 +297,7 @@ class Engine:
             task.add_done_callback(lambda _: self._apply_pending())
 
     async def _stop_now(self) -> None:
-        while (task := self._transition) is not None:
+        while (task := self._current()) is not None:
             if self._state is EngineState.STARTING:
                 self._abort.set()
             with contextlib.suppress(EngineStartError):
@@ -308,9 +308,21 @@ class Engine:
         elif self._state is EngineState.READY:
             await asyncio.shield(self._begin(self._run_stop(EngineState.STOPPED, None)))
 
+    def check_exited(self) -> bool:
+        """After a refused connection: has the process died? If so, start the crash stop
+        now rather than when the exit notice is processed, so a retry waits for a new engine."""
+        proc = self._proc
+        if proc is None or proc.popen.poll() is None:
+            return proc is None
+        if self._state is EngineState.READY and self._current() is None:
+            self._begin(
+                self._run_stop(EngineState.FAILED, f"engine exited unexpectedly with code {proc.returncode}")
+            )
+        return True
+
     def mark_failed(self, reason: str) -> None:
         """The health monitor gave up on a READY engine: kill it, end FAILED."""
-        if self._state is EngineState.READY and self._transition is None:
+        if self._state is EngineState.READY and self._current() is None:
             self._begin(self._run_stop(EngineState.FAILED, reason))
 
     def kill_now(self) -> None:
@@ -330,6 +342,14 @@ class Engine:
                 self._changed.notify_all()
 
         asyncio.get_running_loop().create_task(notify())
+
+    def _current(self) -> asyncio.Task[None] | None:
+        """The transition in progress. A finished task never counts: its done-callback
+        (which clears `_transition`) runs only at the loop's next turn, and awaiting a
+        finished task does not yield — a waiter looping on it would spin forever and
+        starve that very callback (a soak run froze the daemon exactly so)."""
+        task = self._transition
+        return task if task is not None and not task.done() else None
 
     def _begin(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(coro, name=f"engine:{self.name}")
@@ -468,20 +488,18 @@ class Engine:
 
     async def _watch_exit(self, exited: asyncio.Task[int]) -> None:
         code = await exited
-        if self._exited is exited and self._state is EngineState.READY and self._transition is None:
-            await self._drain_output()
-            reason = f"engine exited unexpectedly with code {code}"
-            tail = self.log.tail(1)
-            if tail:
-                reason += f"; last output: {tail[-1]}"
-            self._begin(self._run_stop(EngineState.FAILED, reason))
+        if self._exited is exited and self._state is EngineState.READY and self._current() is None:
+            # Leave READY at once: a request arriving now must wait for a new engine,
+            # not be sent to a dead port. The stop drains the last output lines.
+            self._begin(self._run_stop(EngineState.FAILED, f"engine exited unexpectedly with code {code}"))
 
     async def _run_stop(self, final: EngineState, reason: str | None) -> None:
         self._set(EngineState.STOPPING)
         self._disarm_idle()
         await self._terminate()
         if final is EngineState.FAILED and reason is not None:
-            self._record_failure(reason)
+            output = [line for line in self.log.tail(ERROR_TAIL_LINES) if not line.startswith("=== ")]
+            self._record_failure(reason + (f"; last output: {output[-1]}" if output else ""))
         self._set(final)
         if final is EngineState.FAILED:
             self._services.events.crashed(self.name, self.spec.backend)

@@ -132,6 +132,10 @@ class BackendUnavailable(RouterError):
     status, code, type = 502, "BACKEND_UNAVAILABLE", "api_error"
 
 
+class BackendConnectFailed(BackendUnavailable):
+    """The engine refused the connection: it never saw the request, so a retry is safe."""
+
+
 class ModelUnavailable(RouterError):
     status, code, type = 503, "MODEL_UNAVAILABLE", "api_error"
 

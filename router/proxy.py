@@ -25,7 +25,7 @@ from typing import Any
 import aiohttp
 
 from config.models import Timeouts
-from router.errors import BackendTimeout, BackendUnavailable, RouterError, ShuttingDown
+from router.errors import BackendConnectFailed, BackendTimeout, BackendUnavailable, RouterError, ShuttingDown
 
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
@@ -151,6 +151,8 @@ class Upstream:
 def _translate(exc: Exception, doing: str) -> RouterError:
     if isinstance(exc, asyncio.TimeoutError):  # aiohttp's timeouts subclass it
         return BackendTimeout(f"The engine did not answer in time while {doing}")
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return BackendConnectFailed(f"The engine refused the connection: {exc}")
     detail = str(exc) or type(exc).__name__
     return BackendUnavailable(f"The engine connection failed while {doing}: {detail}")
 

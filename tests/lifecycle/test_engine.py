@@ -202,3 +202,21 @@ async def test_launch_of_a_missing_command_is_a_start_error(manager_for: Any, tm
     engine._override = type(engine._override)(command=(str(tmp_path / "no-such-engine"),))
     with pytest.raises(EngineStartError, match="could not launch"):
         await engine.ensure_ready()
+
+
+async def test_regression_waiter_spun_on_a_finished_transition(manager_for: Any) -> None:
+    """A soak froze the daemon: a request reached ensure_ready in the same loop turn in
+    which a stop task finished, before the task's done-callback cleared `_transition`.
+    Awaiting a finished task does not yield, so the waiter looped on it forever and the
+    callback never ran. A finished transition must never count as the current one."""
+    manager = await manager_for(fake_model("m"))
+    engine = manager.get("m")
+    await engine.ensure_ready()
+    await engine.stop()
+    finished = asyncio.ensure_future(asyncio.sleep(0))
+    await finished
+    engine._transition = finished  # done, and its clearing callback never ran
+
+    url = await asyncio.wait_for(engine.ensure_ready(), timeout=20)
+
+    assert url.startswith("http://127.0.0.1:") and engine.state is EngineState.READY
