@@ -73,9 +73,10 @@ class EngineProcess:
     Spawned with subprocess.Popen, not the event loop's subprocess support:
     uvloop forks through libuv and runs Python's at-fork handlers in the
     child before exec, so a lock held by another thread at that moment
-    (a worker of asyncio.to_thread, say) deadlocks the child — and libuv
-    blocks the daemon's event loop until the child execs. Seen once in a
-    soak run: the whole daemon froze. CPython's fork_exec runs no Python
+    (a worker of asyncio.to_thread, say) could deadlock the child — and
+    libuv blocks the daemon's event loop until the child execs. (A soak
+    freeze first blamed on this turned out to be a spinning waiter, fixed in
+    engine.py; the safer spawn stays.) CPython's fork_exec runs no Python
     between fork and exec and calls setsid() in C.
 
     Exit is watched without threads: a pidfd becomes readable when the
