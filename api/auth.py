@@ -19,7 +19,7 @@ import hashlib
 import hmac
 import ipaddress
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -103,15 +103,15 @@ class Admission:
 OPEN = Admission(state=None, done=True)
 
 
-def presented_key(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
-    for name, value in headers:
-        if name == b"authorization":
-            scheme, _, token = value.decode("latin-1").partition(" ")
-            if scheme.lower() == "bearer" and token.strip():
-                return token.strip()
-        elif name == b"x-api-key" and value:
-            return value.decode("latin-1")
-    return None
+def presented_key(headers: Mapping[bytes, bytes]) -> str | None:
+    """`Authorization: Bearer <key>` or `x-api-key`. `headers`: dict(scope["headers"])."""
+    authorization = headers.get(b"authorization")
+    if authorization:
+        scheme, _, token = authorization.decode("latin-1").partition(" ")
+        if scheme.lower() == "bearer" and token.strip():
+            return token.strip()
+    key = headers.get(b"x-api-key")
+    return key.decode("latin-1") if key else None
 
 
 def _is_loopback(client: tuple[str, int] | None) -> bool:
@@ -152,7 +152,7 @@ class Authenticator:
 
     # --------------------------------------------------------------- clients
 
-    def client(self, headers: Iterable[tuple[bytes, bytes]]) -> KeyState | None:
+    def client(self, headers: Mapping[bytes, bytes]) -> KeyState | None:
         """The caller's key state; None when no client keys are configured."""
         if not self.store.enforced:
             return None
@@ -193,7 +193,7 @@ class Authenticator:
 
     # ----------------------------------------------------------------- admin
 
-    def admin(self, headers: Iterable[tuple[bytes, bytes]], client: tuple[str, int] | None) -> None:
+    def admin(self, headers: Mapping[bytes, bytes], client: tuple[str, int] | None) -> None:
         key = presented_key(headers)
         if self.store.admin_sha256 is None:
             if not _is_loopback(client):

@@ -58,6 +58,7 @@ def _status_row(engine: Engine) -> dict[str, Any]:
         "pid": s.pid,
         "port": s.port,
         "in_flight": s.in_flight,
+        "draining": s.draining,
         "starts": s.starts,
         "last_used": s.last_used,
         "failures": s.failures,

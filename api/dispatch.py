@@ -58,7 +58,8 @@ class Dispatcher:
         receive: Callable[[], Awaitable[Message]],
         send: Callable[[Message], Awaitable[None]],
     ) -> None:
-        request_id = request_id_from(scope["headers"])
+        headers: dict[bytes, bytes] = dict(scope["headers"])
+        request_id = request_id_from(headers)
         REQUEST_ID.set(request_id)
         t0 = time.perf_counter()
         status = 0
@@ -71,7 +72,7 @@ class Dispatcher:
             await send(message)
 
         try:
-            self._authorize(scope)
+            self._authorize(scope, headers)
         except RouterError as exc:
             await send_error(send_with_id, exc)
         else:
@@ -81,12 +82,12 @@ class Dispatcher:
                 ms = (time.perf_counter() - t0) * 1000
                 access_log.info("%s %s %d %.1fms", scope["method"], scope["path"], status, ms)
 
-    def _authorize(self, scope: Scope) -> None:
+    def _authorize(self, scope: Scope, headers: dict[bytes, bytes]) -> None:
         """Admin routes need the admin key (or loopback); the rest any valid key, when keys exist."""
         path = scope["path"]
         if path in OPEN_PATHS:
             return
         if path.startswith(ADMIN_PREFIX):
-            self.auth.admin(scope["headers"], scope.get("client"))
+            self.auth.admin(headers, scope.get("client"))
         else:
-            self.auth.client(scope["headers"])
+            self.auth.client(headers)

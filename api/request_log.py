@@ -14,7 +14,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import Iterable
+from collections.abc import Mapping
 from contextvars import ContextVar
 
 REQUEST_ID: ContextVar[str] = ContextVar("request_id", default="-")
@@ -31,13 +31,13 @@ def new_request_id() -> str:
     return f"{_ID_PREFIX}{next(_ID_COUNTER):016x}"
 
 
-def request_id_from(headers: Iterable[tuple[bytes, bytes]]) -> str:
-    for name, value in headers:
-        if name == b"x-request-id":
-            text = value.decode("latin-1")
-            if 0 < len(text) <= MAX_ID_LENGTH and text.isascii() and text.isprintable():
-                return text
-            break
+def request_id_from(headers: Mapping[bytes, bytes]) -> str:
+    """The client's X-Request-ID if sane, else a new one. `headers`: dict(scope["headers"])."""
+    value = headers.get(b"x-request-id")
+    if value:
+        text = value.decode("latin-1")
+        if len(text) <= MAX_ID_LENGTH and text.isascii() and text.isprintable():
+            return text
     return new_request_id()
 
 

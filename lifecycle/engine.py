@@ -182,6 +182,7 @@ class Engine:
             pid=self.pid,
             port=self._port,
             in_flight=self.in_flight,
+            draining=self._draining,
             starts=self.starts,
             last_used=self.last_used,
             failures=self.failures,
@@ -314,11 +315,14 @@ class Engine:
         proc = self._proc
         if proc is None or proc.popen.poll() is None:
             return proc is None
-        if self._state is EngineState.READY and self._current() is None:
-            self._begin(
-                self._run_stop(EngineState.FAILED, f"engine exited unexpectedly with code {proc.returncode}")
-            )
+        self._stop_crashed(proc.returncode)
         return True
+
+    def _stop_crashed(self, code: int | None) -> None:
+        """Leave READY at once: a request arriving now must wait for a new engine,
+        not be sent to a dead port. The stop drains the last output lines."""
+        if self._state is EngineState.READY and self._current() is None:
+            self._begin(self._run_stop(EngineState.FAILED, f"engine exited unexpectedly with code {code}"))
 
     def mark_failed(self, reason: str) -> None:
         """The health monitor gave up on a READY engine: kill it, end FAILED."""
@@ -488,10 +492,8 @@ class Engine:
 
     async def _watch_exit(self, exited: asyncio.Task[int]) -> None:
         code = await exited
-        if self._exited is exited and self._state is EngineState.READY and self._current() is None:
-            # Leave READY at once: a request arriving now must wait for a new engine,
-            # not be sent to a dead port. The stop drains the last output lines.
-            self._begin(self._run_stop(EngineState.FAILED, f"engine exited unexpectedly with code {code}"))
+        if self._exited is exited:
+            self._stop_crashed(code)
 
     async def _run_stop(self, final: EngineState, reason: str | None) -> None:
         self._set(EngineState.STOPPING)

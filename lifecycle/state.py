@@ -90,6 +90,7 @@ class EngineStatus:
     pid: int | None
     port: int | None
     in_flight: int
+    draining: bool
     starts: int
     last_used: float | None
     failures: int

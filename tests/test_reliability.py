@@ -193,7 +193,9 @@ def test_admin_stop_drains_unless_forced(daemon_for: Any) -> None:
             async def stop_and_probe() -> tuple[httpx.Response, httpx.Response]:
                 async with httpx.AsyncClient(base_url=daemon.url, timeout=30) as ac:
                     stop = asyncio.ensure_future(ac.send(stopping))
-                    await asyncio.sleep(0.2)  # the stop is draining now
+                    while not (await ac.get("/v1/status")).json()["models"][0]["draining"]:
+                        assert not stop.done(), "the stop returned without draining"
+                        await asyncio.sleep(0.02)  # a poll; the stop's own timeout bounds it
                     probe = await ac.post(
                         "/v1/completions", json={"model": "m", "prompt": "y", "max_tokens": 1}
                     )

@@ -92,9 +92,14 @@ async def test_soak_with_random_engine_kills(daemon_for: Any) -> None:
         await asyncio.gather(
             _killer(c, deadline, rng, kills), *(_client(c, deadline, outcomes, rng) for _ in range(12))
         )
-        await asyncio.sleep(1.0)  # let the last engine restarts and closes settle
+        deadline = time.monotonic() + 10
+        while True:  # poll until the daemon has settled every request
+            status = (await c.get("/v1/status")).json()["models"]
+            if not any(r["in_flight"] for r in status):
+                break
+            assert time.monotonic() < deadline, f"requests still in flight after the soak: {status}"
+            await asyncio.sleep(0.05)
         fds_after, rss_after = proc.num_fds(), proc.memory_info().rss
-        status = (await c.get("/v1/status")).json()["models"]
 
     total = sum(outcomes.values())
     unaccounted = {k: v for k, v in outcomes.items() if k.startswith("UNACCOUNTED")}

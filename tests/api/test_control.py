@@ -34,6 +34,7 @@ def test_health_models_status_install(daemon_for: Any) -> None:
             "pid",
             "port",
             "in_flight",
+            "draining",
             "starts",
             "last_used",
             "failures",

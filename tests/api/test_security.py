@@ -174,7 +174,7 @@ def test_no_key_appears_in_any_log(daemon: Daemon) -> None:
 
 def test_admin_without_admin_key_is_loopback_only() -> None:
     auth = Authenticator(load_keys(PLAIN, None, None))
-    auth.admin([], ("127.0.0.1", 5000))
-    auth.admin([], ("::1", 5000))
+    auth.admin({}, ("127.0.0.1", 5000))
+    auth.admin({}, ("::1", 5000))
     with pytest.raises(Forbidden, match="loopback"):
-        auth.admin([(b"authorization", f"Bearer {PLAIN}".encode())], ("10.1.2.3", 5000))
+        auth.admin({b"authorization": f"Bearer {PLAIN}".encode()}, ("10.1.2.3", 5000))
