@@ -288,13 +288,11 @@ class InferenceEndpoint:
     ) -> Relay:
         return await self.upstream.forward(
             send,
-            url=base_url + self.path,
+            base_url=base_url,
+            path=self.path,
+            api_key=engine.api_key or "",
+            request_id=request_id,
             body=body,
-            headers={
-                "Content-Type": "application/json",
-                "X-Request-ID": request_id,
-                "Authorization": f"Bearer {engine.api_key}",
-            },
             extra_headers=[(b"x-served-model", engine.name.encode()), *id_header],
             rename=self._rename(served, requested),
             timeouts=engine.timeouts,

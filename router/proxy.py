@@ -7,24 +7,26 @@
   (so an engine that dies half-way gives a clean 502, not truncated JSON).
 - The only change made to an answer is the `model` field, and only when the
   engine's served name differs from the name the client asked for.
-- aiohttp and socket exceptions are translated into RouterErrors here, once.
+- Engine connection errors and timeouts are translated into RouterErrors
+  here, once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import math
 import re
 import time
+import urllib.parse
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
-
 from config.models import Timeouts
+from router.engine_client import EngineClient, EngineConnectError, EngineResponse, request_head
 from router.errors import BackendConnectFailed, BackendTimeout, BackendUnavailable, RouterError, ShuttingDown
 
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
@@ -56,8 +58,6 @@ class Rename:
 
     @classmethod
     def of(cls, served: str, requested: str) -> Rename:
-        import json
-
         pattern = re.compile(rb'("model"\s*:\s*)' + re.escape(json.dumps(served).encode()))
         return cls(pattern, rb"\g<1>" + json.dumps(requested).encode().replace(b"\\", b"\\\\"))
 
@@ -66,62 +66,52 @@ class Rename:
 
 
 class Upstream:
-    """One pooled aiohttp session for every request the daemon forwards."""
+    """Every request the daemon forwards goes through one pooled EngineClient."""
 
     def __init__(self) -> None:
-        self._session: aiohttp.ClientSession | None = None
-        self._connect_timeouts: dict[float, aiohttp.ClientTimeout] = {}
+        self._client = EngineClient()
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30, enable_cleanup_closed=True)
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            timeout=aiohttp.ClientTimeout(total=None),
-            auto_decompress=False,
-            cookie_jar=aiohttp.DummyCookieJar(),
-            skip_auto_headers=("User-Agent",),
-        )
+        pass  # connections are made on first use
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-
-    def _client_timeout(self, connect: float) -> aiohttp.ClientTimeout:
-        if connect not in self._connect_timeouts:
-            self._connect_timeouts[connect] = aiohttp.ClientTimeout(total=None, sock_connect=connect)
-        return self._connect_timeouts[connect]
+        self._client.close()
 
     async def forward(
         self,
         send: Send,
         *,
-        url: str,
+        base_url: str,
+        path: str,
+        api_key: str,
+        request_id: str,
         body: bytes,
-        headers: dict[str, str],
         extra_headers: list[tuple[bytes, bytes]],
         rename: Rename | None,
         timeouts: Timeouts,
         count_usage: bool = False,
     ) -> Relay:
-        """Relay the engine's answer to `send`; the Relay returned says how it went.
+        """POST `body` to the engine at `base_url` and relay its answer to `send`.
 
-        Raises RouterError if nothing was sent yet. Once a stream has begun,
-        a failure (engine gone, BACKEND_TIMEOUT, the daemon shutting down)
-        ends it with one SSE error event instead.
+        Returns a Relay that says how it went. Raises RouterError if nothing
+        was sent yet. Once a stream has begun, a failure (engine gone,
+        BACKEND_TIMEOUT, the daemon shutting down) ends it with one SSE error
+        event instead.
 
         One deadline per request: the first byte must come within
         `first_byte`, then each chunk within `idle` of the last, and all of it
         within `total` (if set).
         """
-        assert self._session is not None, "Upstream.start() was not called"
+        host, port, head = _request_head(base_url, path, api_key)
+        request = b"%sX-Request-ID: %s\r\nContent-Length: %d\r\n\r\n%s" % (
+            head, request_id.encode("latin-1"), len(body), body,
+        )  # fmt: skip
         loop = asyncio.get_running_loop()
         hard = loop.time() + timeouts.total if timeouts.total else math.inf
         relay = Relay(send, extra_headers, rename, count_usage)
         try:
             async with asyncio.timeout_at(min(loop.time() + timeouts.first_byte, hard)) as deadline:
-                resp = await self._session.post(
-                    url, data=body, headers=headers, timeout=self._client_timeout(timeouts.connect)
-                )
+                resp = await self._client.post(host, port, request, timeouts.connect)
                 try:
                     if resp.content_type == "text/event-stream":
 
@@ -148,10 +138,21 @@ class Upstream:
         return relay
 
 
+@functools.lru_cache(maxsize=256)
+def _request_head(base_url: str, path: str, api_key: str) -> tuple[str, int, bytes]:
+    """Host, port and the constant part of every request to one engine launch's path."""
+    url = urllib.parse.urlsplit(base_url)
+    host, port = url.hostname or "127.0.0.1", url.port or 80
+    headers = {"Content-Type": "application/json"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    return host, port, request_head("POST", host, port, path, headers)
+
+
 def _translate(exc: Exception, doing: str) -> RouterError:
-    if isinstance(exc, asyncio.TimeoutError):  # aiohttp's timeouts subclass it
+    if isinstance(exc, TimeoutError):
         return BackendTimeout(f"The engine did not answer in time while {doing}")
-    if isinstance(exc, aiohttp.ClientConnectorError):
+    if isinstance(exc, EngineConnectError):
         return BackendConnectFailed(f"The engine refused the connection: {exc}")
     detail = str(exc) or type(exc).__name__
     return BackendUnavailable(f"The engine connection failed while {doing}: {detail}")
@@ -176,11 +177,11 @@ class Relay:
         self.first_chunk: float | None = None  # time.perf_counter() of the first streamed chunk
         self.tokens = 0  # SSE data events relayed
 
-    def _headers(self, resp: aiohttp.ClientResponse) -> list[tuple[bytes, bytes]]:
-        headers = [(k.lower(), v) for k, v in resp.raw_headers if k.lower() not in HOP_BY_HOP]
+    def _headers(self, resp: EngineResponse) -> list[tuple[bytes, bytes]]:
+        headers = [(k, v) for k, v in resp.headers if k not in HOP_BY_HOP]
         return headers + self.extra
 
-    async def document(self, resp: aiohttp.ClientResponse) -> None:
+    async def document(self, resp: EngineResponse) -> None:
         self.doing = "reading the answer"
         data = await resp.read()
         if self.count_usage:
@@ -194,7 +195,7 @@ class Relay:
         await self.send({"type": "http.response.start", "status": resp.status, "headers": headers})
         await self.send({"type": "http.response.body", "body": data})
 
-    async def stream(self, resp: aiohttp.ClientResponse, chunk_arrived: Callable[[], None]) -> None:
+    async def stream(self, resp: EngineResponse, chunk_arrived: Callable[[], None]) -> None:
         self.started = self.streaming = True
         self.status = resp.status
         start = {"type": "http.response.start", "status": resp.status, "headers": self._headers(resp)}
@@ -202,15 +203,21 @@ class Relay:
         self.doing = "streaming the answer"
         send, rename = self.send, self.rename
         if rename is None:
-            async for chunk in resp.content.iter_any():
+            async for chunk in resp.chunks():
                 chunk_arrived()
                 self._count(chunk)
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        else:  # line by line, so a `"model"` field is never split across two reads
-            async for line in resp.content:
+        else:  # whole lines only, so a `"model"` field is never split across two reads
+            rest = b""
+            async for chunk in resp.chunks():
                 chunk_arrived()
-                self._count(line)
-                await send({"type": "http.response.body", "body": rename.apply(line), "more_body": True})
+                self._count(chunk)
+                lines, _, rest = (rest + chunk).rpartition(b"\n")
+                if lines:
+                    body = rename.apply(lines + b"\n")
+                    await send({"type": "http.response.body", "body": body, "more_body": True})
+            if rest:
+                await send({"type": "http.response.body", "body": rename.apply(rest), "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     def _count(self, chunk: bytes) -> None:
