@@ -291,6 +291,7 @@ class InferenceEndpoint:
             base_url=base_url,
             path=self.path,
             api_key=engine.api_key or "",
+            keep_alive=engine.keep_alive,
             request_id=request_id,
             body=body,
             extra_headers=[(b"x-served-model", engine.name.encode()), *id_header],

@@ -13,6 +13,12 @@ from typing import Protocol
 from config.models import ModelSpec
 
 LOOPBACK = "127.0.0.1"
+# How long the engines' HTTP servers keep an idle connection open. All three
+# serve through uvicorn, whose default is 5 s; SGLang and vLLM take a longer
+# one from their environment, so the daemon's pooled connections to them
+# survive a pause in traffic (a burst after a pause then opens none).
+UVICORN_KEEP_ALIVE = 5.0
+ENGINE_KEEP_ALIVE = 75.0
 
 
 @dataclass(frozen=True)
@@ -33,6 +39,16 @@ class LaunchContext:
 class LaunchSpec:
     argv: tuple[str, ...]
     env: Mapping[str, str]
+    keep_alive: float = UVICORN_KEEP_ALIVE  # seconds the engine keeps an idle connection
+
+
+def ask_keep_alive(env: dict[str, str], variable: str) -> float:
+    """Ask for ENGINE_KEEP_ALIVE through `variable`, unless the model's env set it; the value in force."""
+    env.setdefault(variable, f"{ENGINE_KEEP_ALIVE:g}")
+    try:
+        return float(env[variable])
+    except ValueError:
+        return UVICORN_KEEP_ALIVE
 
 
 class Backend(Protocol):

@@ -30,4 +30,4 @@ class LlamaCppBackend:
         env = engine_env(spec, ctx)
         if ctx.api_key:  # its settings read API_KEY from the environment
             env["API_KEY"] = ctx.api_key
-        return LaunchSpec(argv=tuple(argv), env=env)
+        return LaunchSpec(argv=tuple(argv), env=env)  # uvicorn's 5 s keep-alive: it takes no setting

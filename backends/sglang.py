@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from backends.base import LOOPBACK, LaunchContext, LaunchSpec, engine_env
+from backends.base import LOOPBACK, LaunchContext, LaunchSpec, ask_keep_alive, engine_env
 from config.models import ModelSpec
 
 DEFAULT_COMMAND = (sys.executable, "-m", "sglang.launch_server")
@@ -33,4 +33,6 @@ class SGLangBackend:
         if ctx.api_key:  # SGLang takes it only as a flag; the daemon redacts it from logs
             argv += ["--api-key", ctx.api_key]
         argv += spec.args
-        return LaunchSpec(argv=tuple(argv), env=engine_env(spec, ctx))
+        env = engine_env(spec, ctx)
+        keep_alive = ask_keep_alive(env, "SGLANG_TIMEOUT_KEEP_ALIVE")
+        return LaunchSpec(argv=tuple(argv), env=env, keep_alive=keep_alive)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from backends.base import LOOPBACK, LaunchContext, LaunchSpec, engine_env
+from backends.base import LOOPBACK, LaunchContext, LaunchSpec, ask_keep_alive, engine_env
 from config.models import ModelSpec
 
 # The `vllm` console script is this module; calling it through our own
@@ -34,4 +34,5 @@ class VLLMBackend:
         env = engine_env(spec, ctx)
         if ctx.api_key:  # by environment: other users can read a command line, not an environment
             env["VLLM_API_KEY"] = ctx.api_key
-        return LaunchSpec(argv=tuple(argv), env=env)
+        keep_alive = ask_keep_alive(env, "VLLM_HTTP_TIMEOUT_KEEP_ALIVE")
+        return LaunchSpec(argv=tuple(argv), env=env, keep_alive=keep_alive)

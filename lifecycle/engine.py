@@ -125,6 +125,7 @@ class Engine:
         self._pump: asyncio.Task[None] | None = None
         self._port: int | None = None
         self.api_key: str | None = None  # this launch's key; only the daemon knows it
+        self.keep_alive = 0.0  # how long this launch keeps an idle connection open
         self._idle_handle: asyncio.TimerHandle | None = None
         self._idle = asyncio.Event()
         self._idle.set()
@@ -451,6 +452,7 @@ class Engine:
             api_key=self.api_key,
         )
         launch = self.backend.launch(self.spec, ctx)
+        self.keep_alive = launch.keep_alive
         self.log.secret = self.api_key
         try:
             self._proc = await spawn(launch.argv, launch.env, self.log)

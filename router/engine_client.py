@@ -13,8 +13,8 @@ head and parses the answer with httptools (llhttp, the parser uvicorn uses):
 - A connection goes back to the pool only after a complete, keep-alive answer.
   Closing an unfinished response aborts its connection, so the engine sees the
   client leave (that is how cancellation reaches an engine).
-- Idle connections are reused newest first and dropped after IDLE_SECONDS,
-  before the engines' own keep-alive (uvicorn's default is 5 s) closes them.
+- Idle connections are reused newest first, and dropped a margin before the
+  engine's own keep-alive would close them (the caller says how long that is).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import cast
 
 import httptools
 
-IDLE_SECONDS = 4.0
+KEEP_ALIVE_MARGIN = 1.0  # reuse an idle connection only this long before the engine may close it
 HIGH_WATER = 256 * 1024  # unread bytes at which reading from the engine pauses
 
 
@@ -53,6 +53,7 @@ class _Connection(asyncio.Protocol):
         self.response: EngineResponse | None = None
         self.closed = False
         self.idle_since = 0.0
+        self.reuse_for = 0.0  # seconds it may sit idle and still be reused
         self.received = False  # any byte of the current answer
 
     # asyncio.Protocol
@@ -280,12 +281,12 @@ class EngineClient:
         idle = self._idle.get(key)
         if not idle:
             return None
-        cutoff = time.monotonic() - IDLE_SECONDS
+        now = time.monotonic()
         while idle:
             conn = idle.pop()
             if conn.closed:
                 continue
-            if conn.idle_since < cutoff:  # newest first: every one below is older still
+            if now - conn.idle_since > conn.reuse_for:  # newest first: every one below is older still
                 conn.abort()
                 for old in idle:
                     old.abort()
@@ -294,21 +295,27 @@ class EngineClient:
             return conn
         return None
 
-    async def post(self, host: str, port: int, request: bytes, connect_timeout: float) -> EngineResponse:
-        """Send `request` (a complete HTTP/1.1 request) and wait for the answer's headers."""
+    async def post(
+        self, host: str, port: int, request: bytes, *, connect_timeout: float, keep_alive: float
+    ) -> EngineResponse:
+        """Send `request` (a complete HTTP/1.1 request) and wait for the answer's headers.
+
+        `keep_alive`: how long the engine keeps an idle connection open.
+        """
         key = (host, port)
         conn = self._reuse(key)
         if conn is not None:
             try:
-                return await self._exchange(conn, request)
+                return await self._exchange(conn, request, keep_alive)
             except EngineConnectionLost as exc:
                 if not exc.before_answer:
                     raise
                 # A kept connection the engine had already closed (it never read
                 # the request): once more, on a new connection.
-        return await self._exchange(await self._connect(key, connect_timeout), request)
+        return await self._exchange(await self._connect(key, connect_timeout), request, keep_alive)
 
-    async def _exchange(self, conn: _Connection, request: bytes) -> EngineResponse:
+    async def _exchange(self, conn: _Connection, request: bytes, keep_alive: float) -> EngineResponse:
+        conn.reuse_for = keep_alive - KEEP_ALIVE_MARGIN
         response = EngineResponse(conn)
         conn.send(request, response)
         try:

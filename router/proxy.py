@@ -84,6 +84,7 @@ class Upstream:
         base_url: str,
         path: str,
         api_key: str,
+        keep_alive: float,
         request_id: str,
         body: bytes,
         extra_headers: list[tuple[bytes, bytes]],
@@ -111,7 +112,9 @@ class Upstream:
         relay = Relay(send, extra_headers, rename, count_usage)
         try:
             async with asyncio.timeout_at(min(loop.time() + timeouts.first_byte, hard)) as deadline:
-                resp = await self._client.post(host, port, request, timeouts.connect)
+                resp = await self._client.post(
+                    host, port, request, connect_timeout=timeouts.connect, keep_alive=keep_alive
+                )
                 try:
                     if resp.content_type == "text/event-stream":
 

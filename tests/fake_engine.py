@@ -21,7 +21,7 @@ in models.yaml):
     FAKE_LOG_REQUESTS      1: print each /v1 request with its X-Request-ID
 
 `GET /fake/stats` reports requests seen, in flight, the most ever in flight,
-and streams cancelled by the client.
+streams cancelled by the client, and the connections requests came on.
 """
 
 from __future__ import annotations
@@ -118,6 +118,7 @@ class FakeEngine:
         self.api_key = getattr(args, "api_key", None) or (os.environ.get(env_key) if env_key else None)
         self.ready_at = time.monotonic() + knobs.warmup
         self.stats = {"requests": 0, "in_flight": 0, "max_in_flight": 0, "cancelled": 0}
+        self.peers: set[object] = set()  # the client address of every connection a request came on
         self.tokens_sent = 0
 
     @staticmethod
@@ -169,7 +170,7 @@ class FakeEngine:
         return web.json_response({"object": "list", "data": [{"id": self.name, "object": "model"}]})
 
     async def get_stats(self, request: web.Request) -> web.Response:
-        return web.json_response(self.stats)
+        return web.json_response({**self.stats, "connections": len(self.peers)})
 
     async def flush_cache(self, request: web.Request) -> web.Response:
         return web.Response(text="cache flushed")
@@ -196,6 +197,7 @@ class FakeEngine:
         self.stats["requests"] += 1
         self.stats["in_flight"] += 1
         self.stats["max_in_flight"] = max(self.stats["max_in_flight"], self.stats["in_flight"])
+        self.peers.add(request.transport.get_extra_info("peername") if request.transport else None)
         try:
             if body.get("stream"):
                 return await self._stream(request, body, chat, n)
@@ -295,9 +297,24 @@ def spawn_children(count: int, ignore_sigterm: bool) -> list[subprocess.Popen[by
     return [subprocess.Popen([sys.executable, "-c", code]) for _ in range(count)]
 
 
+# Where each real engine reads its HTTP keep-alive (uvicorn's 5 s otherwise).
+KEEP_ALIVE_ENV = {"sglang": "SGLANG_TIMEOUT_KEEP_ALIVE", "vllm": "VLLM_HTTP_TIMEOUT_KEEP_ALIVE"}
+
+
+def keep_alive(dialect: str) -> int:
+    variable = KEEP_ALIVE_ENV.get(dialect)
+    return int(os.environ.get(variable, "5")) if variable else 5  # int(): the engines' own parse
+
+
 async def serve(engine: FakeEngine, host: str, port: int) -> None:
     # Like SGLang, abort a request whose client went away (streaming or not).
-    runner = web.AppRunner(engine.app(), access_log=None, handle_signals=False, handler_cancellation=True)
+    runner = web.AppRunner(
+        engine.app(),
+        access_log=None,
+        handle_signals=False,
+        handler_cancellation=True,
+        keepalive_timeout=keep_alive(engine.args.dialect),
+    )
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_address=True)
     await site.start()

@@ -113,6 +113,28 @@ async def test_client_disconnect_cancels_a_non_streaming_request(daemon: Daemon)
         await _engine_saw_one_cancel(c, "long")
 
 
+async def test_the_daemon_keeps_its_connections_to_an_engine(daemon: Daemon) -> None:
+    """Sequential requests share one engine connection; a second burst (under the offload
+    threshold) reuses the first burst's."""
+    async with httpx.AsyncClient(base_url=daemon.url, timeout=30) as c:
+        body = {"model": "slow", "prompt": "x", "max_tokens": 2}
+        for _ in range(10):
+            assert (await c.post("/v1/completions", json=body)).status_code == 200
+        assert (await _engine_stats(c, "slow"))["connections"] == 1
+        for _ in range(2):
+            answers = await asyncio.gather(*(c.post("/v1/completions", json=body) for _ in range(3)))
+            assert all(a.status_code == 200 for a in answers)
+        stats = await _engine_stats(c, "slow")
+    assert stats["requests"] == 16 and stats["connections"] <= 3
+
+
+async def _engine_stats(c: httpx.AsyncClient, model: str) -> dict[str, Any]:
+    port = (await _status(c, model))["port"]
+    async with httpx.AsyncClient(timeout=5) as engine:
+        stats: dict[str, Any] = (await engine.get(f"http://127.0.0.1:{port}/fake/stats")).json()
+    return stats
+
+
 async def _engine_saw_one_cancel(c: httpx.AsyncClient, model: str) -> None:
     """The engine itself stopped the request: one cancelled, none in flight."""
     port = (await _status(c, model))["port"]

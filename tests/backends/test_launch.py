@@ -82,3 +82,14 @@ def test_override_command_and_env_layering() -> None:
     )
     assert spec.argv[0] == "my-sglang" and spec.argv[1] == "--model-path"
     assert spec.env["A"] == "model" and spec.env["B"] == "override"
+
+
+def test_engines_are_asked_to_keep_idle_connections_and_say_for_how_long() -> None:
+    sglang = backend_for("sglang").launch(_spec(), _ctx())
+    assert sglang.env["SGLANG_TIMEOUT_KEEP_ALIVE"] == "75" and sglang.keep_alive == 75
+    vllm = backend_for("vllm").launch(_spec(backend="vllm"), _ctx())
+    assert vllm.env["VLLM_HTTP_TIMEOUT_KEEP_ALIVE"] == "75" and vllm.keep_alive == 75
+    llama = backend_for("llamacpp").launch(_spec(backend="llamacpp", model_path="/m.gguf"), _ctx())
+    assert llama.keep_alive == 5  # uvicorn's default; llama-cpp-python takes no setting
+    own = backend_for("sglang").launch(_spec(env={"SGLANG_TIMEOUT_KEEP_ALIVE": "20"}), _ctx())
+    assert own.env["SGLANG_TIMEOUT_KEEP_ALIVE"] == "20" and own.keep_alive == 20  # the model's env wins

@@ -9,7 +9,13 @@ from dataclasses import dataclass, field
 import pytest
 
 from router import engine_client
-from router.engine_client import EngineClient, EngineConnectError, EngineConnectionLost, request_head
+from router.engine_client import (
+    EngineClient,
+    EngineConnectError,
+    EngineConnectionLost,
+    EngineResponse,
+    request_head,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -86,6 +92,14 @@ def request(port: int, body: bytes = b'{"x": 1}', request_id: str = "rid-1") -> 
     return head + b"X-Request-ID: %s\r\nContent-Length: %d\r\n\r\n%s" % (request_id.encode(), len(body), body)
 
 
+async def post(
+    client: EngineClient, port: int, request_id: str = "rid-1", keep_alive: float = 75
+) -> EngineResponse:
+    return await client.post(
+        "127.0.0.1", port, request(port, request_id=request_id), connect_timeout=1.0, keep_alive=keep_alive
+    )
+
+
 async def test_answers_are_read_and_the_connection_is_kept(server: StartServer, client: EngineClient) -> None:
     async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter, seen: Seen) -> bool:
         w.write(ok(b'{"n": %d}' % len(seen.requests), b"X-Thing: a\r\n"))
@@ -93,7 +107,7 @@ async def test_answers_are_read_and_the_connection_is_kept(server: StartServer, 
 
     port, seen = await server(script)
     for n in (1, 2, 3):
-        resp = await client.post("127.0.0.1", port, request(port, request_id=f"r{n}"), 1.0)
+        resp = await post(client, port, request_id=f"r{n}")
         assert resp.status == 200 and resp.content_type == "application/json"
         assert (b"x-thing", b"a") in resp.headers
         assert await resp.read() == b'{"n": %d}' % n
@@ -113,7 +127,7 @@ async def test_an_answer_saying_close_is_not_reused(server: StartServer, client:
 
     port, seen = await server(script)
     for _ in range(2):
-        resp = await client.post("127.0.0.1", port, request(port), 1.0)
+        resp = await post(client, port)
         assert await resp.read() == b"{}"
         resp.close()
     assert seen.connections == 2
@@ -127,7 +141,7 @@ async def test_a_large_answer_is_read_whole(server: StartServer, client: EngineC
         return True
 
     port, _ = await server(script)
-    resp = await client.post("127.0.0.1", port, request(port), 1.0)
+    resp = await post(client, port)
     assert await resp.read() == big
     resp.close()
 
@@ -144,7 +158,7 @@ async def test_a_chunked_stream_arrives_as_it_is_sent(server: StartServer, clien
         return True
 
     port, _ = await server(script)
-    resp = await client.post("127.0.0.1", port, request(port), 1.0)
+    resp = await post(client, port)
     assert resp.content_type == "text/event-stream"
     got = []
     async for chunk in resp.chunks():
@@ -168,7 +182,7 @@ async def test_a_slow_reader_gets_every_byte_of_a_big_stream(
         return True
 
     port, _ = await server(script)
-    resp = await client.post("127.0.0.1", port, request(port), 1.0)
+    resp = await post(client, port)
     total = 0
     async for chunk in resp.chunks():
         total += len(chunk)
@@ -184,7 +198,7 @@ async def test_an_engine_closing_mid_answer_is_an_error(server: StartServer, cli
         return False
 
     port, _ = await server(script)
-    resp = await client.post("127.0.0.1", port, request(port), 1.0)
+    resp = await post(client, port)
     with pytest.raises(EngineConnectionLost, match="before its answer ended"):
         await resp.read()
     resp.close()
@@ -197,7 +211,7 @@ async def test_an_answer_that_is_not_http_is_an_error(server: StartServer, clien
 
     port, _ = await server(script)
     with pytest.raises(EngineConnectionLost, match="invalid HTTP"):
-        await client.post("127.0.0.1", port, request(port), 1.0)
+        await post(client, port)
 
 
 async def test_an_answer_delimited_by_close_is_complete(server: StartServer, client: EngineClient) -> None:
@@ -206,7 +220,7 @@ async def test_an_answer_delimited_by_close_is_complete(server: StartServer, cli
         return False
 
     port, _ = await server(script)
-    resp = await client.post("127.0.0.1", port, request(port), 1.0)
+    resp = await post(client, port)
     assert await resp.read() == b'{"a": 1}'
     resp.close()
 
@@ -222,7 +236,7 @@ async def test_a_kept_connection_closed_by_the_engine_is_retried_once(
 
     port, seen = await server(script)
     for _ in range(2):
-        resp = await client.post("127.0.0.1", port, request(port), 1.0)
+        resp = await post(client, port)
         assert await resp.read() == b"{}"
         resp.close()
     assert seen.connections == 2 and len(seen.requests) == 3
@@ -236,25 +250,23 @@ async def test_a_fresh_connection_closed_unanswered_is_not_retried(
 
     port, seen = await server(script)
     with pytest.raises(EngineConnectionLost):
-        await client.post("127.0.0.1", port, request(port), 1.0)
+        await post(client, port)
     assert len(seen.requests) == 1
 
 
-async def test_idle_connections_expire(
-    server: StartServer, client: EngineClient, monkeypatch: pytest.MonkeyPatch
+async def test_idle_connections_expire_before_the_engine_closes_them(
+    server: StartServer, client: EngineClient
 ) -> None:
     async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter, seen: Seen) -> bool:
         w.write(ok(b"{}"))
         return True
 
     port, seen = await server(script)
-    resp = await client.post("127.0.0.1", port, request(port), 1.0)
-    await resp.read()
-    resp.close()
-    monkeypatch.setattr(engine_client, "IDLE_SECONDS", -1.0)  # every kept connection is now too old
-    resp = await client.post("127.0.0.1", port, request(port), 1.0)
-    await resp.read()
-    resp.close()
+    # An engine that keeps an idle connection for less than the margin: it is never reused.
+    for _ in range(2):
+        resp = await post(client, port, keep_alive=0.5)
+        await resp.read()
+        resp.close()
     assert seen.connections == 2
     await asyncio.wait_for(seen.closed.wait(), 5)  # the expired one was closed, not leaked
 
@@ -273,12 +285,12 @@ async def test_closing_an_unfinished_answer_drops_the_connection(
         return False
 
     port, seen = await server(script)
-    resp = await client.post("127.0.0.1", port, request(port), 1.0)
+    resp = await post(client, port)
     async for _ in resp.chunks():
         break
     resp.close()
     await asyncio.wait_for(seen.closed.wait(), 5)
-    resp = await client.post("127.0.0.1", port, request(port), 1.0)  # not the dropped connection
+    resp = await post(client, port)  # not the dropped connection
     assert seen.connections == 2
     resp.close()
 
@@ -288,4 +300,4 @@ async def test_no_engine_listening_is_a_connect_error(client: EngineClient) -> N
 
     port = free_port()
     with pytest.raises(EngineConnectError, match="cannot connect"):
-        await client.post("127.0.0.1", port, request(port), 1.0)
+        await post(client, port)
