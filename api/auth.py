@@ -6,7 +6,11 @@
 - Admin routes need ADMIN_API_KEY; without one they answer only loopback.
   A client key is refused there (403).
 - A key is looked up by its SHA-256 and compared in constant time; keys are
-  never logged or echoed (errors name the key's `name`).
+  never logged or echoed (errors name the key's `name`). A key that passed
+  is remembered (bytes -> state, at most one entry per configured key), so
+  the hash is not recomputed per request: a dict lookup compares bytes only
+  after a full match of Python's per-process random SipHash, so its timing
+  does not reveal how much of a guess was right.
 - Limits per key: allowed models, requests and tokens per minute (token
   buckets; tokens are charged after the answer, so a request may run the
   bucket into debt and the next one waits), concurrent requests, and the
@@ -20,7 +24,7 @@ import hmac
 import ipaddress
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from config.keys import KeyPolicy, KeyStore
@@ -74,18 +78,21 @@ def effective_limits(policy: KeyPolicy | None, max_tokens: int, max_n: int) -> L
 @dataclass
 class KeyState:
     policy: KeyPolicy
+    digest: bytes  # SHA-256 of the key, computed once
     requests: TokenBucket | None
     tokens: TokenBucket | None
     limits: Limits = ()
     in_flight: int = 0
 
 
-@dataclass
 class Admission:
     """A client request let in; `finish()` charges its tokens and frees its slot."""
 
-    state: KeyState | None
-    done: bool = field(default=False)
+    __slots__ = ("done", "state")
+
+    def __init__(self, state: KeyState | None) -> None:
+        self.state = state
+        self.done = state is None
 
     @property
     def counts_tokens(self) -> bool:
@@ -100,18 +107,21 @@ class Admission:
             self.state.tokens.take(tokens)
 
 
-OPEN = Admission(state=None, done=True)
+OPEN = Admission(None)
 
 
-def presented_key(headers: Mapping[bytes, bytes]) -> str | None:
+def presented_key(headers: Mapping[bytes, bytes]) -> bytes | None:
     """`Authorization: Bearer <key>` or `x-api-key`. `headers`: dict(scope["headers"])."""
     authorization = headers.get(b"authorization")
-    if authorization:
-        scheme, _, token = authorization.decode("latin-1").partition(" ")
-        if scheme.lower() == "bearer" and token.strip():
-            return token.strip()
-    key = headers.get(b"x-api-key")
-    return key.decode("latin-1") if key else None
+    if authorization and authorization[:7].lower() == b"bearer ":
+        token = authorization[7:].strip()
+        if token:
+            return token
+    return headers.get(b"x-api-key") or None
+
+
+def _digest(key: bytes) -> bytes:
+    return hashlib.sha256(key).digest()
 
 
 def _is_loopback(client: tuple[str, int] | None) -> bool:
@@ -127,9 +137,12 @@ class Authenticator:
     def __init__(self, store: KeyStore, max_tokens: int = 0, max_n: int = 0) -> None:
         self.store = store
         self._global_limits = effective_limits(None, max_tokens, max_n)
+        self._admin_digest = bytes.fromhex(store.admin_sha256) if store.admin_sha256 else None
+        self._verified: dict[bytes, KeyState] = {}  # keys that passed _lookup; only configured ones
         self._states = {
-            sha: KeyState(
+            bytes.fromhex(sha): KeyState(
                 policy=p,
+                digest=bytes.fromhex(sha),
                 requests=TokenBucket(p.requests_per_minute) if p.requests_per_minute else None,
                 tokens=TokenBucket(p.tokens_per_minute) if p.tokens_per_minute else None,
                 limits=effective_limits(p, max_tokens, max_n),
@@ -137,18 +150,21 @@ class Authenticator:
             for sha, p in store.clients.items()
         }
 
-    def _lookup(self, key: str) -> KeyState | None:
-        sha = hashlib.sha256(key.encode()).hexdigest()
-        state = self._states.get(sha)
-        if state is not None and hmac.compare_digest(sha, state.policy.sha256):
+    def _lookup(self, key: bytes) -> KeyState | None:
+        state = self._verified.get(key)
+        if state is not None:
+            return state
+        digest = _digest(key)
+        state = self._states.get(digest)
+        if state is not None and hmac.compare_digest(digest, state.digest):
+            self._verified[key] = state
             return state
         return None
 
-    def _is_admin(self, key: str | None) -> bool:
-        admin = self.store.admin_sha256
-        if admin is None or key is None:
+    def _is_admin(self, key: bytes | None) -> bool:
+        if self._admin_digest is None or key is None:
             return False
-        return hmac.compare_digest(hashlib.sha256(key.encode()).hexdigest(), admin)
+        return hmac.compare_digest(_digest(key), self._admin_digest)
 
     # --------------------------------------------------------------- clients
 
@@ -189,7 +205,7 @@ class Authenticator:
         if state.requests is not None:
             state.requests.take(1.0)
         state.in_flight += 1
-        return Admission(state=state)
+        return Admission(state)
 
     # ----------------------------------------------------------------- admin
 

@@ -13,7 +13,7 @@ import yaml
 
 from api.auth import Authenticator
 from config.keys import digest, load_keys
-from router.errors import Forbidden
+from router.errors import Forbidden, Unauthorized
 from tests.helpers import Daemon, fake_model, registry_doc
 
 ALICE, BOB, CAROL, ADMIN = (
@@ -76,6 +76,9 @@ def test_keys_are_required_and_checked(daemon: Daemon) -> None:
         assert missing.status_code == 401 and _code(missing) == "UNAUTHORIZED"
         assert missing.headers["www-authenticate"] == "Bearer"
         assert _code(_post(c, "sk-wrong-0123456789")) == "UNAUTHORIZED"
+        assert _post(c, PLAIN).status_code == 200
+        for near in (PLAIN[:-1] + "X", PLAIN + "0", PLAIN[:-1]):  # after PLAIN was accepted once
+            assert _code(_post(c, near)) == "UNAUTHORIZED"
         assert _post(c, PLAIN).status_code == 200
         alt = c.post("/v1/completions", json={"model": "cpu", "prompt": "x", "max_tokens": 1},
                      headers={"x-api-key": PLAIN})  # fmt: skip
@@ -178,3 +181,14 @@ def test_admin_without_admin_key_is_loopback_only() -> None:
     auth.admin({}, ("::1", 5000))
     with pytest.raises(Forbidden, match="loopback"):
         auth.admin({b"authorization": f"Bearer {PLAIN}".encode()}, ("10.1.2.3", 5000))
+
+
+def test_only_configured_keys_are_remembered() -> None:
+    """Accepted keys skip the hash next time; a flood of wrong keys must not grow that memory."""
+    auth = Authenticator(load_keys(PLAIN, None, None))
+    for i in range(1000):
+        with pytest.raises(Unauthorized):
+            auth.client({b"authorization": b"Bearer sk-guess-%d" % i})
+    for _ in range(3):
+        assert auth.client({b"x-api-key": PLAIN.encode()}) is not None
+    assert len(auth._verified) == 1
