@@ -17,6 +17,7 @@ from api.auth import Authenticator
 from api.context import AppContext
 from api.metrics import Metrics
 from api.request_log import configure_logging
+from api.server import HttpProtocol
 from config.environment import engine_base_env
 from config.keys import load_keys
 from config.models import ConfigError, load_registry
@@ -69,6 +70,8 @@ def main() -> int:
         host=settings.router_host,
         port=settings.router_port,
         log_level=settings.log_level,
+        http=HttpProtocol,  # uvicorn's httptools protocol, one write per response
+        proxy_headers=False,  # applied by the Dispatcher to control routes only
         log_config=None,  # uvicorn's loggers go through ours (request IDs, JSON)
         access_log=False,  # replaced by our access log, which carries the request ID
         # SIGTERM: stop accepting, give requests in flight this long, then stop the engines.

@@ -88,4 +88,4 @@ def create_app(ctx: AppContext) -> Dispatcher:
     endpoints = {path: InferenceEndpoint(ctx, upstream, path) for path in INFERENCE_PATHS}
     for path, endpoint in endpoints.items():
         app.router.routes.append(Route(path, endpoint, methods=["POST"]))
-    return Dispatcher(app, endpoints, ctx.auth)
+    return Dispatcher(app, endpoints, ctx.auth, ctx.settings.forwarded_allow_ips)

@@ -12,7 +12,9 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
-from typing import Any
+from typing import Any, cast
+
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from api.auth import Authenticator
 from api.errors import send_error
@@ -31,10 +33,20 @@ ADMIN_PREFIX = "/v1/admin/"
 
 
 class Dispatcher:
-    def __init__(self, app: ASGIApp, fast_paths: Mapping[str, ASGIApp], auth: Authenticator) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        fast_paths: Mapping[str, ASGIApp],
+        auth: Authenticator,
+        trusted_proxies: str = "127.0.0.1",
+    ) -> None:
         self.app = app
         self.fast_paths = dict(fast_paths)
         self.auth = auth
+        # The client address matters only to the control plane (admin: loopback
+        # only without ADMIN_API_KEY), so only it reads a trusted proxy's headers.
+        proxied = ProxyHeadersMiddleware(cast(Any, self._control_plane), trusted_hosts=trusted_proxies)
+        self._control = cast(ASGIApp, proxied)  # uvicorn types ASGI with TypedDicts
 
     async def __call__(
         self,
@@ -50,7 +62,7 @@ class Dispatcher:
             if endpoint is not None:
                 await endpoint(scope, receive, send)  # it sets its own request ID
                 return
-        await self._control_plane(scope, receive, send)
+        await self._control(scope, receive, send)
 
     async def _control_plane(
         self,

@@ -82,7 +82,9 @@ def check_targets(s: dict[str, Any]) -> list[tuple[str, str, bool]]:
         rows.append((
             f"cold start ({name}): TTFT <= engine start-to-ready + 150 ms",
             f"{c['cold_ttft_ms']:.0f} vs {c['engine_ready_ms']:.0f} ms "
-            f"(+{c['cold_ttft_ms'] - c['engine_ready_ms']:.0f}; warm TTFT {c['warm_ttft_ms']:.0f})",
+            f"(+{c['cold_ttft_ms'] - c['engine_ready_ms']:.0f}; the engine alone takes "
+            f"{c['engine_first_token_ms']:.0f} ms after ready for its first token, warm "
+            f"{c['warm_ttft_ms']:.0f})",
             c["cold_ttft_ms"] <= c["engine_ready_ms"] + 150,
         ))  # fmt: skip
     ol = s["overload"]

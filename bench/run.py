@@ -50,6 +50,7 @@ OVERLOAD: list[dict[str, Any]] = [
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--cold-rounds", type=int, default=5, help="cold starts of the real llama.cpp engine")
     p.add_argument("--duration", type=float, default=4.0, help="seconds per non-streaming cell")
     p.add_argument("--streams", type=int, default=128)
     p.add_argument("--tokens", type=int, default=64)
@@ -110,9 +111,7 @@ def measure_data_plane(args: argparse.Namespace, work: Path, procs: list[Proc], 
     files = ModelFiles(work / "models")
     scenarios.cold_start(daemon, "cold")  # warm-up: first imports and page cache
     for _ in range(args.rounds):
-        row = {
-            "engine_ready_ms": scenarios.engine_start_to_ready(ModelSpec.model_validate(COLD), files, True)
-        }
+        row = scenarios.engine_alone(ModelSpec.model_validate(COLD), files, True)
         row.update(scenarios.cold_start(daemon, "cold"))
         raw["cold"]["fake engine, 2 s start"].append(row)
 
@@ -127,8 +126,8 @@ def measure_llamacpp(args: argparse.Namespace, work: Path, procs: list[Proc], ra
     # Warm-up: the first start assembles the GGUF into the daemon's STATE_DIR
     # (a one-time install step, not part of a cold start of a stopped model).
     scenarios.cold_start(daemon, "gemma-3-270m")
-    for _ in range(args.rounds):
-        row = {"engine_ready_ms": scenarios.engine_start_to_ready(spec, files, False)}
+    for _ in range(args.cold_rounds):
+        row = scenarios.engine_alone(spec, files, False)
         row.update(scenarios.cold_start(daemon, "gemma-3-270m"))
         raw["cold"]["llama.cpp Gemma 3 270M"].append(row)
 

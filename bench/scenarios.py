@@ -72,8 +72,9 @@ def streaming(target: Target, streams: int, tokens: int) -> dict[str, float]:
     ).summary()
 
 
-def engine_start_to_ready(spec: ModelSpec, model_files: ModelFiles, fake: bool) -> float:
-    """Launch the engine exactly as the daemon would and time it until its readiness probe answers."""
+def engine_alone(spec: ModelSpec, model_files: ModelFiles, fake: bool) -> dict[str, float]:
+    """Launch the engine exactly as the daemon would; time it until its readiness probe answers,
+    then the first chunk of a streaming request sent to it directly (the engine's own first token)."""
     backend = backend_for(spec.backend)
     port = free_port()
     command = tuple(FAKE_ENGINES[spec.backend]["command"]) if fake else None
@@ -84,7 +85,7 @@ def engine_start_to_ready(spec: ModelSpec, model_files: ModelFiles, fake: bool) 
         command=command,
     )
     launch = backend.launch(spec, ctx)
-    url = f"http://127.0.0.1:{port}{backend.readiness_path}"
+    url = f"http://127.0.0.1:{port}"
     t0 = time.perf_counter()
     proc = subprocess.Popen(
         launch.argv, env=dict(launch.env), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -94,11 +95,14 @@ def engine_start_to_ready(spec: ModelSpec, model_files: ModelFiles, fake: bool) 
         with httpx.Client(timeout=1.0) as client:
             while True:
                 with contextlib.suppress(httpx.HTTPError):
-                    if client.get(url).status_code == 200:
-                        return (time.perf_counter() - t0) * 1000
+                    if client.get(url + backend.readiness_path).status_code == 200:
+                        break
                 if proc.poll() is not None:
                     raise RuntimeError(f"engine exited during start: {launch.argv}")
                 time.sleep(0.005)
+        ready = (time.perf_counter() - t0) * 1000
+        first = asyncio.run(first_chunk_ms(url + "/v1/completions", spec.served_name))
+        return {"engine_ready_ms": ready, "engine_first_token_ms": first}
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)

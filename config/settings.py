@@ -83,6 +83,9 @@ class Settings(BaseSettings):
     api_keys: SecretStr = SecretStr("")
     api_keys_file: Path | None = None
     admin_api_key: SecretStr | None = None
+    # Proxies whose X-Forwarded-For/-Proto are believed on control routes (so
+    # "loopback only" means the real client), comma-separated IPs/networks or "*".
+    forwarded_allow_ips: str = "127.0.0.1"
     # Global caps on what a request may ask for (0 = none); keys may set lower ones.
     max_tokens_limit: int = Field(0, ge=0)
     max_n_limit: int = Field(0, ge=0)

@@ -31,7 +31,8 @@ def _raw(daemon_rps: float, daemon_ttft: float) -> dict[str, Any]:
             "daemon": {"1": cell(2000, 0.5), "32": cell(daemon_rps, 5.0)},
         },
         "stream": {"direct": stream(100.0), "daemon": stream(daemon_ttft)},
-        "cold": {"fake": [{"engine_ready_ms": 2000.0, "cold_ttft_ms": 2100.0, "warm_ttft_ms": 2.0}]},
+        "cold": {"fake": [{"engine_ready_ms": 2000.0, "engine_first_token_ms": 2.0, "cold_ttft_ms": 2100.0,
+                           "warm_ttft_ms": 2.0}]},
         "overload": {
             "bound": 3, "gpu-alone_rejected": 100, "gpu-alone_rejected_p99_ms": 1.0,
             "gpu-alone_engine_max_in_flight": 3, "gpu_offloaded": 50, "gpu_offloaded_p99_ms": 6.0,

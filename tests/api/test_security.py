@@ -192,3 +192,16 @@ def test_only_configured_keys_are_remembered() -> None:
     for _ in range(3):
         assert auth.client({b"x-api-key": PLAIN.encode()}) is not None
     assert len(auth._verified) == 1
+
+
+def test_a_trusted_proxy_forwarding_a_remote_client_is_not_loopback(daemon_for: Any) -> None:
+    """Without ADMIN_API_KEY, admin is loopback-only: a request relayed by a local proxy
+    (trusted by default) for a remote client must be refused, and inference still works."""
+    d = daemon_for(registry_doc(fake_model("m"))).start()
+    with d.client() as c:
+        remote = {"X-Forwarded-For": "203.0.113.9"}
+        refused = c.get("/v1/admin/models/m/logs", headers=remote)
+        assert refused.status_code == 403 and "loopback" in refused.json()["error"]["message"]
+        assert c.get("/v1/admin/models/m/logs").status_code == 200
+        body = {"model": "m", "prompt": "x", "max_tokens": 1}
+        assert c.post("/v1/completions", json=body, headers=remote).status_code == 200
