@@ -22,6 +22,7 @@ from api.inference import INFERENCE_PATHS, InferenceEndpoint
 from api.reload import reload_registry
 from router.errors import InvalidConfig, InvalidRequest, MethodNotAllowed, NotFound, RouterError
 from router.proxy import Upstream
+from router.ticker import Ticker
 
 
 def error_response(exc: RouterError) -> Response:
@@ -60,7 +61,8 @@ def _reload_on_signal(ctx: AppContext) -> None:
 
 def create_app(ctx: AppContext) -> Dispatcher:
     """The FastAPI app (control plane, errors, lifespan) behind the inference fast path."""
-    upstream = Upstream()
+    ticker = Ticker()  # the data plane's deadlines, one timer for all requests
+    upstream = Upstream(ticker)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -76,6 +78,7 @@ def create_app(ctx: AppContext) -> Dispatcher:
         finally:
             loop.remove_signal_handler(signal.SIGHUP)
             await upstream.close()
+            ticker.close()
             await ctx.manager.shutdown()
 
     app = FastAPI(title="unified-inference", lifespan=lifespan)
@@ -85,7 +88,7 @@ def create_app(ctx: AppContext) -> Dispatcher:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.include_router(control_router)
     # Raw ASGI endpoints: no Request object, no middleware, errors in our shape.
-    endpoints = {path: InferenceEndpoint(ctx, upstream, path) for path in INFERENCE_PATHS}
+    endpoints = {path: InferenceEndpoint(ctx, upstream, ticker, path) for path in INFERENCE_PATHS}
     for path, endpoint in endpoints.items():
         app.router.routes.append(Route(path, endpoint, methods=["POST"]))
     return Dispatcher(app, endpoints, ctx.auth, ctx.settings.forwarded_allow_ips)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from api.auth import Authenticator
@@ -25,8 +26,8 @@ class AppContext:
         """The registry in force (a reload replaces it)."""
         return self.manager.registry
 
-    @property
-    def policy(self) -> OffloadPolicy:
+    @functools.cached_property
+    def policy(self) -> OffloadPolicy:  # settings never change while the daemon runs
         return OffloadPolicy(
             mode=self.execution_mode,
             threshold=self.settings.offload_queue_threshold,

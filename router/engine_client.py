@@ -15,6 +15,9 @@ head and parses the answer with httptools (llhttp, the parser uvicorn uses):
   client leave (that is how cancellation reaches an engine).
 - Idle connections are reused newest first, and dropped a margin before the
   engine's own keep-alive would close them (the caller says how long that is).
+- Every response has a deadline (loop time; the caller may move it, e.g. after
+  each chunk of a stream). Past it, reading fails with TimeoutError. Deadlines
+  are checked by a shared Ticker, not a timer per request.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from collections.abc import AsyncIterator
 from typing import cast
 
 import httptools
+
+from router.ticker import Ticker
 
 KEEP_ALIVE_MARGIN = 1.0  # reuse an idle connection only this long before the engine may close it
 HIGH_WATER = 256 * 1024  # unread bytes at which reading from the engine pauses
@@ -46,7 +51,7 @@ class _Connection(asyncio.Protocol):
     """One TCP connection to an engine, carrying one request at a time."""
 
     def __init__(self, client: EngineClient, key: tuple[str, int]) -> None:
-        self._client = client
+        self.client = client
         self.key = key
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
@@ -74,7 +79,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        self._client.forget(self)
+        self.client.forget(self)
         if self.response is not None and not self.response.complete:
             self.response.connection_lost()
 
@@ -124,14 +129,15 @@ class _Connection(asyncio.Protocol):
         assert self.transport is not None
         if not self.transport.is_reading():
             self.transport.resume_reading()
-        self._client.keep(self)
+        self.client.keep(self)
 
 
 class EngineResponse:
     """An engine's answer: status and headers at once, the body as it comes."""
 
-    def __init__(self, connection: _Connection) -> None:
+    def __init__(self, connection: _Connection, deadline: float) -> None:
         self._conn = connection
+        self.deadline = deadline  # loop time by which the answer must be complete
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []  # names lower-cased
         self.keep_alive = False
@@ -145,9 +151,10 @@ class EngineResponse:
 
     @property
     def content_type(self) -> str:
+        """The media type, lower-case, without parameters ("" if none was sent)."""
         for name, value in self.headers:
             if name == b"content-type":
-                return value.split(b";", 1)[0].strip().decode("latin-1").lower()
+                return value.partition(b";")[0].strip().decode("latin-1").lower()
         return ""
 
     # fed by the connection
@@ -190,6 +197,15 @@ class EngineResponse:
             if name == b"content-length" or (name == b"transfer-encoding" and b"chunked" in value.lower()):
                 return False
         return not self.keep_alive
+
+    def tick(self, now: float) -> bool:
+        """The Ticker's check: fail the answer once its deadline has passed."""
+        if self.complete or self._closed or self._error is not None:
+            return False
+        if now >= self.deadline:
+            self.fail(TimeoutError("the engine's answer did not come in time"))
+            return False
+        return True
 
     # read by the proxy
 
@@ -241,6 +257,7 @@ class EngineResponse:
         if self._closed:
             return
         self._closed = True
+        self._conn.client.ticker.discard(self)
         if self.complete and not self._buffer:
             self._conn.release()
         else:
@@ -250,7 +267,8 @@ class EngineResponse:
 class EngineClient:
     """Pooled keep-alive connections to engines, keyed by (host, port)."""
 
-    def __init__(self) -> None:
+    def __init__(self, ticker: Ticker) -> None:
+        self.ticker = ticker
         self._idle: dict[tuple[str, int], list[_Connection]] = {}
         self._closing = False
 
@@ -296,27 +314,39 @@ class EngineClient:
         return None
 
     async def post(
-        self, host: str, port: int, request: bytes, *, connect_timeout: float, keep_alive: float
+        self,
+        host: str,
+        port: int,
+        request: bytes,
+        *,
+        connect_timeout: float,
+        keep_alive: float,
+        deadline: float,
     ) -> EngineResponse:
         """Send `request` (a complete HTTP/1.1 request) and wait for the answer's headers.
 
         `keep_alive`: how long the engine keeps an idle connection open.
+        `deadline`: loop time by which the answer must be in (see EngineResponse.deadline).
         """
         key = (host, port)
         conn = self._reuse(key)
         if conn is not None:
             try:
-                return await self._exchange(conn, request, keep_alive)
+                return await self._exchange(conn, request, keep_alive, deadline)
             except EngineConnectionLost as exc:
                 if not exc.before_answer:
                     raise
                 # A kept connection the engine had already closed (it never read
                 # the request): once more, on a new connection.
-        return await self._exchange(await self._connect(key, connect_timeout), request, keep_alive)
+        conn = await self._connect(key, connect_timeout)
+        return await self._exchange(conn, request, keep_alive, deadline)
 
-    async def _exchange(self, conn: _Connection, request: bytes, keep_alive: float) -> EngineResponse:
+    async def _exchange(
+        self, conn: _Connection, request: bytes, keep_alive: float, deadline: float
+    ) -> EngineResponse:
         conn.reuse_for = keep_alive - KEEP_ALIVE_MARGIN
-        response = EngineResponse(conn)
+        response = EngineResponse(conn, deadline)
+        self.ticker.add(response)
         conn.send(request, response)
         try:
             await response.wait_headers()

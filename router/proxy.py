@@ -28,6 +28,7 @@ from typing import Any
 from config.models import Timeouts
 from router.engine_client import EngineClient, EngineConnectError, EngineResponse, request_head
 from router.errors import BackendConnectFailed, BackendTimeout, BackendUnavailable, RouterError, ShuttingDown
+from router.ticker import Ticker
 
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
@@ -68,8 +69,8 @@ class Rename:
 class Upstream:
     """Every request the daemon forwards goes through one pooled EngineClient."""
 
-    def __init__(self) -> None:
-        self._client = EngineClient()
+    def __init__(self, ticker: Ticker) -> None:
+        self._client = EngineClient(ticker)
 
     async def start(self) -> None:
         pass  # connections are made on first use
@@ -99,33 +100,36 @@ class Upstream:
         BACKEND_TIMEOUT, the daemon shutting down) ends it with one SSE error
         event instead.
 
-        One deadline per request: the first byte must come within
-        `first_byte`, then each chunk within `idle` of the last, and all of it
-        within `total` (if set).
+        One deadline per request: a document must be complete, a stream must
+        begin, within `first_byte`; then each chunk must come within `idle` of
+        the last, and all of it within `total` (if set). It bounds waiting on
+        the engine, never on a slow client.
         """
         host, port, head = _request_head(base_url, path, api_key)
         request = b"%sX-Request-ID: %s\r\nContent-Length: %d\r\n\r\n%s" % (
             head, request_id.encode("latin-1"), len(body), body,
         )  # fmt: skip
         loop = asyncio.get_running_loop()
-        hard = loop.time() + timeouts.total if timeouts.total else math.inf
+        now = loop.time()
+        hard = now + timeouts.total if timeouts.total else math.inf
         relay = Relay(send, extra_headers, rename, count_usage)
         try:
-            async with asyncio.timeout_at(min(loop.time() + timeouts.first_byte, hard)) as deadline:
-                resp = await self._client.post(
-                    host, port, request, connect_timeout=timeouts.connect, keep_alive=keep_alive
-                )
-                try:
-                    if resp.content_type == "text/event-stream":
+            resp = await self._client.post(
+                host, port, request,
+                connect_timeout=timeouts.connect, keep_alive=keep_alive,
+                deadline=min(now + timeouts.first_byte, hard),
+            )  # fmt: skip
+            try:
+                if resp.content_type == "text/event-stream":
 
-                        def chunk_arrived() -> None:
-                            deadline.reschedule(min(loop.time() + timeouts.idle, hard))
+                    def chunk_arrived() -> None:
+                        resp.deadline = min(loop.time() + timeouts.idle, hard)
 
-                        await relay.stream(resp, chunk_arrived)
-                    else:
-                        await relay.document(resp)
-                finally:
-                    resp.close()  # an unfinished answer drops the connection: the engine sees the cancel
+                    await relay.stream(resp, chunk_arrived)
+                else:
+                    await relay.document(resp)
+            finally:
+                resp.close()  # an unfinished answer drops the connection: the engine sees the cancel
         except Exception as exc:
             error = _translate(exc, relay.doing)
             if not relay.started:

@@ -16,6 +16,7 @@ from router.engine_client import (
     EngineResponse,
     request_head,
 )
+from router.ticker import Ticker
 
 pytestmark = pytest.mark.anyio
 
@@ -82,7 +83,7 @@ async def server() -> AsyncIterator[StartServer]:
 
 @pytest.fixture
 async def client() -> AsyncIterator[EngineClient]:
-    c = EngineClient()
+    c = EngineClient(Ticker())
     yield c
     c.close()
 
@@ -95,9 +96,11 @@ def request(port: int, body: bytes = b'{"x": 1}', request_id: str = "rid-1") -> 
 async def post(
     client: EngineClient, port: int, request_id: str = "rid-1", keep_alive: float = 75
 ) -> EngineResponse:
+    deadline = asyncio.get_running_loop().time() + 5
     return await client.post(
-        "127.0.0.1", port, request(port, request_id=request_id), connect_timeout=1.0, keep_alive=keep_alive
-    )
+        "127.0.0.1", port, request(port, request_id=request_id),
+        connect_timeout=1.0, keep_alive=keep_alive, deadline=deadline,
+    )  # fmt: skip
 
 
 async def test_answers_are_read_and_the_connection_is_kept(server: StartServer, client: EngineClient) -> None:
@@ -301,3 +304,54 @@ async def test_no_engine_listening_is_a_connect_error(client: EngineClient) -> N
     port = free_port()
     with pytest.raises(EngineConnectError, match="cannot connect"):
         await post(client, port)
+
+
+async def test_an_engine_that_never_answers_misses_its_deadline(
+    server: StartServer, client: EngineClient
+) -> None:
+    async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter, seen: Seen) -> bool:
+        await r.read()  # never answers
+        return False
+
+    port, _ = await server(script)
+    loop = asyncio.get_running_loop()
+    with pytest.raises(TimeoutError):
+        await client.post(
+            "127.0.0.1", port, request(port), connect_timeout=1.0, keep_alive=75, deadline=loop.time() + 0.2
+        )
+
+
+async def test_a_stream_lives_while_its_deadline_is_moved_and_dies_when_it_stalls(
+    server: StartServer, client: EngineClient
+) -> None:
+    async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter, seen: Seen) -> bool:
+        w.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for _ in range(6 if len(seen.requests) == 1 else 1):
+            w.write(b"7\r\ndata: x\r\n")
+            await w.drain()
+            await asyncio.sleep(0.1)  # the engine's pace, not synchronisation
+        if len(seen.requests) == 1:
+            w.write(b"0\r\n\r\n")
+            return True
+        await r.read()  # the second stream stalls after one chunk
+        return False
+
+    port, _ = await server(script)
+    loop = asyncio.get_running_loop()
+    # The first deadline (0.3 s) is shorter than the stream (0.6 s): only moving it keeps it alive.
+    resp = await client.post(
+        "127.0.0.1", port, request(port), connect_timeout=1.0, keep_alive=75, deadline=loop.time() + 0.3
+    )
+    received = b""
+    async for chunk in resp.chunks():
+        received += chunk
+        resp.deadline = loop.time() + 1.0
+    resp.close()
+    assert received == b"data: x" * 6
+    resp = await client.post(
+        "127.0.0.1", port, request(port), connect_timeout=1.0, keep_alive=75, deadline=loop.time() + 5
+    )
+    with pytest.raises(TimeoutError):
+        async for _ in resp.chunks():
+            resp.deadline = loop.time() + 0.3
+    resp.close()
