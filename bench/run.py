@@ -73,8 +73,16 @@ def measure_data_plane(args: argparse.Namespace, work: Path, procs: list[Proc], 
         work / "keyed", [FAST, STREAM], OFFLOAD_QUEUE_THRESHOLD="1000000", API_KEYS=BENCH_KEY
     )
     procs.append(keyed)
+    # Observed, not understood: a fake engine (aiohttp on asyncio's selector
+    # loop) behind the daemon needs ~80 us of CPU per request until one request
+    # reaches it straight from another client (a new connection, closed by that
+    # client), and ~62 us ever after; the daemon's own health probes do not
+    # flip it. The "direct" runs do that for the first daemon's engines only,
+    # so every engine gets one such request before anything is measured.
     for model in ("fast", "stream"):
-        engine_url(keyed, model)
+        scenarios.touch(*engine_url(keyed, model))
+    for url, key in ((fast, fast_key), (stream, stream_key)):
+        scenarios.touch(url, key)
     targets.append(
         (
             Target("daemon+keys", keyed.url, "fast", BENCH_KEY),

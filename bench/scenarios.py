@@ -66,6 +66,12 @@ class RssSampler:
         self._thread.join()
 
 
+def touch(engine_url: str, key: str) -> None:
+    """One request straight to an engine, on a connection of its own."""
+    headers = {"Authorization": f"Bearer {key}"}
+    httpx.get(engine_url + "/health", headers=headers, timeout=10).raise_for_status()
+
+
 def streaming(target: Target, streams: int, tokens: int) -> dict[str, float]:
     return asyncio.run(
         run_streams(target.base_url + "/v1/completions", target.model, streams, tokens, target.headers)
