@@ -93,11 +93,12 @@ async def _watch_disconnect(receive: Receive) -> None:
         pass
 
 
-# A request still running after this long gets a disconnect watcher. Most
-# non-streaming answers come back sooner, and a watcher task per request cost
-# ~15% of the daemon's throughput; a client that leaves is still noticed
-# within this delay plus one tick of the shared Ticker.
-WATCH_AFTER = 0.025
+# A request still running after this long gets a disconnect watcher (a task
+# waiting on `receive()`). Most non-streaming answers come back sooner, and
+# a watcher per request cost ~15% of the daemon's throughput; 0.025 s put the
+# watchers of a burst of streams right in their time-to-first-token window.
+# A client that leaves is noticed within this delay plus one Ticker interval.
+WATCH_AFTER = 0.1
 
 
 class DisconnectGuard:

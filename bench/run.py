@@ -53,6 +53,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cold-rounds", type=int, default=5, help="cold starts of the real llama.cpp engine")
     p.add_argument("--duration", type=float, default=4.0, help="seconds per non-streaming cell")
     p.add_argument("--streams", type=int, default=128)
+    p.add_argument("--stream-bursts", type=int, default=3, help="stream bursts per target per round")
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--no-llamacpp", action="store_true", help="skip the real llama.cpp cold start")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
@@ -112,7 +113,9 @@ def measure_data_plane(args: argparse.Namespace, work: Path, procs: list[Proc], 
                 cell = scenarios.rate(t_fast, int(conns), args.duration)
                 raw["nonstream"][t_fast.name][conns].append(dataclasses.asdict(cell))
             with RssSampler(daemon.popen.pid) as rss:
-                raw["stream"][t_stream.name].append(scenarios.streaming(t_stream, args.streams, args.tokens))
+                for _ in range(args.stream_bursts):  # a burst's TTFT swings +-20%: take several
+                    burst = scenarios.streaming(t_stream, args.streams, args.tokens)
+                    raw["stream"][t_stream.name].append(burst)
             if t_stream.name == "daemon":
                 raw["rss"]["streaming_peak_mb"] = max(raw["rss"]["streaming_peak_mb"], rss.peak / 2**20)
     raw["cold"] = {"fake engine, 2 s start": []}

@@ -62,7 +62,7 @@ def test_percentile() -> None:
 @pytest.mark.slow
 def test_quick_benchmark_run_writes_its_reports(tmp_path: Path) -> None:
     argv = [sys.executable, "-m", "bench.run", "--rounds", "1", "--duration", "1", "--streams", "8",
-            "--tokens", "8", "--no-llamacpp", "--out", str(tmp_path)]  # fmt: skip
+            "--tokens", "8", "--stream-bursts", "1", "--no-llamacpp", "--out", str(tmp_path)]  # fmt: skip
     run = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "targets met" in run.stdout
