@@ -53,7 +53,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cold-rounds", type=int, default=5, help="cold starts of the real llama.cpp engine")
     p.add_argument("--duration", type=float, default=4.0, help="seconds per non-streaming cell")
     p.add_argument("--streams", type=int, default=128)
-    p.add_argument("--stream-bursts", type=int, default=3, help="stream bursts per target per round")
+    p.add_argument("--stream-bursts", type=int, default=5, help="stream bursts per target per round")
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--no-llamacpp", action="store_true", help="skip the real llama.cpp cold start")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
