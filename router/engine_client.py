@@ -67,8 +67,8 @@ class _Connection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
 
     def data_received(self, data: bytes) -> None:
-        if self.response is None:  # bytes nobody asked for: the connection can't be trusted
-            self.abort()
+        if self.response is None or self.response.complete:
+            self.abort()  # bytes nobody asked for: the connection can't be trusted
             return
         self.received = True
         try:
@@ -90,6 +90,10 @@ class _Connection(asyncio.Protocol):
         pass
 
     # httptools callbacks
+
+    def on_message_begin(self) -> None:
+        if self.response is not None and self.response.complete:
+            self.closed = True  # a second answer to one request: never reuse this connection
 
     def on_header(self, name: bytes, value: bytes) -> None:
         assert self.response is not None

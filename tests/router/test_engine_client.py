@@ -103,6 +103,16 @@ async def post(
     )  # fmt: skip
 
 
+async def answers(client: EngineClient, port: int, n: int, keep_alive: float = 75) -> list[bytes]:
+    """`n` requests one after another; their bodies."""
+    bodies = []
+    for _ in range(n):
+        resp = await post(client, port, keep_alive=keep_alive)
+        bodies.append(await resp.read())
+        resp.close()
+    return bodies
+
+
 async def test_answers_are_read_and_the_connection_is_kept(server: StartServer, client: EngineClient) -> None:
     async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter, seen: Seen) -> bool:
         w.write(ok(b'{"n": %d}' % len(seen.requests), b"X-Thing: a\r\n"))
@@ -129,10 +139,17 @@ async def test_an_answer_saying_close_is_not_reused(server: StartServer, client:
         return False
 
     port, seen = await server(script)
-    for _ in range(2):
-        resp = await post(client, port)
-        assert await resp.read() == b"{}"
-        resp.close()
+    assert await answers(client, port, 2) == [b"{}", b"{}"]
+    assert seen.connections == 2
+
+
+async def test_bytes_after_an_answer_retire_its_connection(server: StartServer, client: EngineClient) -> None:
+    async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter, seen: Seen) -> bool:
+        w.write(ok(b"{}") + b"HTTP/1.1 200 OK\r\n")  # then something nobody asked for
+        return True
+
+    port, seen = await server(script)
+    assert await answers(client, port, 2) == [b"{}", b"{}"]
     assert seen.connections == 2
 
 
@@ -238,10 +255,7 @@ async def test_a_kept_connection_closed_by_the_engine_is_retried_once(
         return True
 
     port, seen = await server(script)
-    for _ in range(2):
-        resp = await post(client, port)
-        assert await resp.read() == b"{}"
-        resp.close()
+    assert await answers(client, port, 2) == [b"{}", b"{}"]
     assert seen.connections == 2 and len(seen.requests) == 3
 
 
@@ -266,10 +280,7 @@ async def test_idle_connections_expire_before_the_engine_closes_them(
 
     port, seen = await server(script)
     # An engine that keeps an idle connection for less than the margin: it is never reused.
-    for _ in range(2):
-        resp = await post(client, port, keep_alive=0.5)
-        await resp.read()
-        resp.close()
+    assert await answers(client, port, 2, keep_alive=0.5) == [b"{}", b"{}"]
     assert seen.connections == 2
     await asyncio.wait_for(seen.closed.wait(), 5)  # the expired one was closed, not leaked
 
