@@ -77,7 +77,7 @@ def check_targets(s: dict[str, Any]) -> list[tuple[str, str, bool]]:
     d1, x1 = ns["daemon"]["1"], ns["direct"]["1"]
     rows.append((
         "non-streaming 1 conn: p50 <= direct + 0.5 ms",
-        f"{d1['p50_ms']:.3f} vs {x1['p50_ms']:.3f} ms (+{d1['p50_ms'] - x1['p50_ms']:.3f})",
+        f"{d1['p50_ms']:.3f} vs {x1['p50_ms']:.3f} ms ({d1['p50_ms'] - x1['p50_ms']:+.3f})",
         d1["p50_ms"] <= x1["p50_ms"] + 0.5,
     ))  # fmt: skip
     ds, xs = st["daemon"], st["direct"]
@@ -99,7 +99,7 @@ def check_targets(s: dict[str, Any]) -> list[tuple[str, str, bool]]:
         rows.append((
             f"cold start ({name}): TTFT <= engine start-to-ready + 150 ms",
             f"{c['cold_ttft_ms']:.0f} vs {c['engine_ready_ms']:.0f} ms "
-            f"(+{c['cold_ttft_ms'] - c['engine_ready_ms']:.0f}; the engine alone takes "
+            f"({c['cold_ttft_ms'] - c['engine_ready_ms']:+.0f}; the engine alone takes "
             f"{c['engine_first_token_ms']:.0f} ms after ready for its first token, warm "
             f"{c['warm_ttft_ms']:.0f})",
             c["cold_ttft_ms"] <= c["engine_ready_ms"] + 150,
