@@ -67,7 +67,6 @@ def create_app(ctx: AppContext) -> Dispatcher:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await ctx.manager.start()
-        await upstream.start()
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGHUP, _reload_on_signal, ctx)
         # Everything built so far lives as long as the daemon: keep it out of the

@@ -72,9 +72,6 @@ class Upstream:
     def __init__(self, ticker: Ticker) -> None:
         self._client = EngineClient(ticker)
 
-    async def start(self) -> None:
-        pass  # connections are made on first use
-
     async def close(self) -> None:
         self._client.close()
 
