@@ -38,7 +38,7 @@ class Dispatcher:
         app: ASGIApp,
         fast_paths: Mapping[str, ASGIApp],
         auth: Authenticator,
-        trusted_proxies: str = "127.0.0.1",
+        trusted_proxies: str,
     ) -> None:
         self.app = app
         self.fast_paths = dict(fast_paths)

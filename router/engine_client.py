@@ -15,14 +15,16 @@ head and parses the answer with httptools (llhttp, the parser uvicorn uses):
   client leave (that is how cancellation reaches an engine).
 - Idle connections are reused newest first, and dropped a margin before the
   engine's own keep-alive would close them (the caller says how long that is).
-- Every response has a deadline (loop time; the caller may move it, e.g. after
-  each chunk of a stream). Past it, reading fails with TimeoutError. Deadlines
-  are checked by a shared Ticker, not a timer per request.
+- Every response has a deadline (loop time). Past it, reading fails with
+  TimeoutError. A stream can instead be given an idle limit: each arrival
+  then moves the deadline on. Deadlines are checked by a shared Ticker, not a
+  timer per request.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import AsyncIterator
 from typing import cast
@@ -83,12 +85,6 @@ class _Connection(asyncio.Protocol):
         if self.response is not None and not self.response.complete:
             self.response.connection_lost()
 
-    def pause_writing(self) -> None:  # request bodies are written whole; nothing to pause
-        pass
-
-    def resume_writing(self) -> None:
-        pass
-
     # httptools callbacks
 
     def on_message_begin(self) -> None:
@@ -142,6 +138,8 @@ class EngineResponse:
     def __init__(self, connection: _Connection, deadline: float) -> None:
         self._conn = connection
         self.deadline = deadline  # loop time by which the answer must be complete
+        self._idle = 0.0  # when set: each arrival moves the deadline to now + idle (at most _hard)
+        self._hard = math.inf
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []  # names lower-cased
         self.keep_alive = False
@@ -173,6 +171,8 @@ class EngineResponse:
         self._wake()
 
     def feed(self, data: bytes) -> None:
+        if self._idle:
+            self.deadline = min(asyncio.get_running_loop().time() + self._idle, self._hard)
         self._buffer.append(data)
         self._buffered += len(data)
         if self._buffered > HIGH_WATER and self._conn.transport is not None:
@@ -212,6 +212,12 @@ class EngineResponse:
         return True
 
     # read by the proxy
+
+    def until_idle(self, idle: float, hard: float = math.inf) -> None:
+        """From now on the answer may go on while data keeps coming: at most `idle`
+        seconds between arrivals (from now for the first), and never past `hard`."""
+        self._idle, self._hard = idle, hard
+        self.deadline = min(asyncio.get_running_loop().time() + idle, hard)
 
     async def _wait(self) -> None:
         if self._error is not None:

@@ -21,7 +21,7 @@ import math
 import re
 import time
 import urllib.parse
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -118,11 +118,8 @@ class Upstream:
             )  # fmt: skip
             try:
                 if resp.content_type == "text/event-stream":
-
-                    def chunk_arrived() -> None:
-                        resp.deadline = min(loop.time() + timeouts.idle, hard)
-
-                    await relay.stream(resp, chunk_arrived)
+                    resp.until_idle(timeouts.idle, hard)
+                    await relay.stream(resp)
                 else:
                     await relay.document(resp)
             finally:
@@ -199,29 +196,19 @@ class Relay:
         await self.send({"type": "http.response.start", "status": resp.status, "headers": headers})
         await self.send({"type": "http.response.body", "body": data})
 
-    async def stream(self, resp: EngineResponse, chunk_arrived: Callable[[], None]) -> None:
+    async def stream(self, resp: EngineResponse) -> None:
         self.started = self.streaming = True
         self.status = resp.status
         start = {"type": "http.response.start", "status": resp.status, "headers": self._headers(resp)}
         await self.send(start)
         self.doing = "streaming the answer"
         send, rename = self.send, self.rename
-        if rename is None:
-            async for chunk in resp.chunks():
-                chunk_arrived()
-                self._count(chunk)
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        else:  # whole lines only, so a `"model"` field is never split across two reads
-            rest = b""
-            async for chunk in resp.chunks():
-                chunk_arrived()
-                self._count(chunk)
-                lines, _, rest = (rest + chunk).rpartition(b"\n")
-                if lines:
-                    body = rename.apply(lines + b"\n")
-                    await send({"type": "http.response.body", "body": body, "more_body": True})
-            if rest:
-                await send({"type": "http.response.body", "body": rename.apply(rest), "more_body": True})
+        # With a rename, whole lines only, so a `"model"` field is never split across two reads.
+        chunks = resp.chunks() if rename is None else _whole_lines(resp.chunks())
+        async for chunk in chunks:
+            self._count(chunk)
+            body = chunk if rename is None else rename.apply(chunk)
+            await send({"type": "http.response.body", "body": body, "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     def _count(self, chunk: bytes) -> None:
@@ -233,6 +220,17 @@ class Relay:
         self.error_code = error.code
         await self.send({"type": "http.response.body", "body": error.sse_event(), "more_body": True})
         await self.send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def _whole_lines(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """The same bytes, cut only after a newline (the rest, if any, at the end)."""
+    rest = b""
+    async for chunk in chunks:
+        lines, _, rest = (rest + chunk).rpartition(b"\n")
+        if lines:
+            yield lines + b"\n"
+    if rest:
+        yield rest
 
 
 def _usage_tokens(data: bytes) -> int:

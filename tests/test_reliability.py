@@ -52,23 +52,33 @@ async def _stream_until(c: httpx.AsyncClient, model: str, tokens: int, on_chunks
     return data
 
 
-async def test_engine_killed_mid_stream(daemon_for: Any) -> None:
-    daemon: Daemon = daemon_for(registry_doc(fake_model("m", env=STREAMING))).start()
+async def _signal_mid_stream(daemon: Daemon, sig: signal.Signals) -> tuple[int, bytes, float]:
+    """Start model `m`, stream from it, send its engine `sig` after 3 tokens.
+
+    Returns the engine's pid, the whole streamed body, and the seconds from the
+    signal to the stream's end.
+    """
     with daemon.client() as sync:
         sync.post("/v1/admin/models/m/start")
         pid = _row(sync, "m")["pid"]
-    killed_at: list[float] = []
+    sent_at: list[float] = []
 
-    def kill() -> None:
-        os.kill(pid, signal.SIGKILL)
-        killed_at.append(time.monotonic())
+    def send_signal() -> None:
+        os.kill(pid, sig)
+        sent_at.append(time.monotonic())
 
     async with httpx.AsyncClient(base_url=daemon.url, timeout=30) as c:
-        data = await _stream_until(c, "m", 200, 3, kill)
-        ended = time.monotonic()
-        error = _error_event(data)
-        assert error is not None and error["code"] == "BACKEND_UNAVAILABLE"
-        assert ended - killed_at[0] < 2.0, "the stream must end within 2 s of the engine's death"
+        data = await _stream_until(c, "m", 200, 3, send_signal)
+    return pid, data, time.monotonic() - sent_at[0]
+
+
+async def test_engine_killed_mid_stream(daemon_for: Any) -> None:
+    daemon: Daemon = daemon_for(registry_doc(fake_model("m", env=STREAMING))).start()
+    pid, data, ended_after = await _signal_mid_stream(daemon, signal.SIGKILL)
+    error = _error_event(data)
+    assert error is not None and error["code"] == "BACKEND_UNAVAILABLE"
+    assert ended_after < 2.0, "the stream must end within 2 s of the engine's death"
+    async with httpx.AsyncClient(base_url=daemon.url, timeout=30) as c:
         resp = await c.post("/v1/completions", json={"model": "m", "prompt": "x", "max_tokens": 2})
         assert resp.status_code == 200
     with daemon.client() as sync:
@@ -81,21 +91,10 @@ async def test_hung_engine_times_out_and_is_replaced(daemon_for: Any) -> None:
     daemon: Daemon = daemon_for(
         doc, HEALTH_CHECK_INTERVAL="0.3", HEALTH_CHECK_FAILURES="2", STOP_GRACE_PERIOD="0.5"
     ).start()
-    with daemon.client() as sync:
-        sync.post("/v1/admin/models/m/start")
-        pid = _row(sync, "m")["pid"]
-    stopped_at: list[float] = []
-
-    def freeze() -> None:
-        os.kill(pid, signal.SIGSTOP)
-        stopped_at.append(time.monotonic())
-
-    async with httpx.AsyncClient(base_url=daemon.url, timeout=30) as c:
-        data = await _stream_until(c, "m", 200, 3, freeze)
-        waited = time.monotonic() - stopped_at[0]
-        error = _error_event(data)
-        assert error is not None and error["code"] == "BACKEND_TIMEOUT"
-        assert waited < 1.0 + 1.5, "no request may wait past its timeout"
+    pid, data, waited = await _signal_mid_stream(daemon, signal.SIGSTOP)
+    error = _error_event(data)
+    assert error is not None and error["code"] == "BACKEND_TIMEOUT"
+    assert waited < 1.0 + 1.5, "no request may wait past its timeout"
 
     with daemon.client() as sync:
         # Health monitor: unhealthy -> group killed -> failed.

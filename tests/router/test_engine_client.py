@@ -332,37 +332,49 @@ async def test_an_engine_that_never_answers_misses_its_deadline(
         )
 
 
-async def test_a_stream_lives_while_its_deadline_is_moved_and_dies_when_it_stalls(
+async def test_a_stream_lives_while_data_comes_and_dies_when_it_stalls_or_runs_too_long(
     server: StartServer, client: EngineClient
 ) -> None:
     async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter, seen: Seen) -> bool:
+        stalls = len(seen.requests) == 3
         w.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
-        for _ in range(6 if len(seen.requests) == 1 else 1):
+        for _ in range(1 if stalls else 6):
             w.write(b"7\r\ndata: x\r\n")
             await w.drain()
             await asyncio.sleep(0.1)  # the engine's pace, not synchronisation
-        if len(seen.requests) == 1:
+        if not stalls:
             w.write(b"0\r\n\r\n")
             return True
-        await r.read()  # the second stream stalls after one chunk
+        await r.read()  # the third stream stalls after one chunk
         return False
 
     port, _ = await server(script)
     loop = asyncio.get_running_loop()
-    # The first deadline (0.3 s) is shorter than the stream (0.6 s): only moving it keeps it alive.
-    resp = await client.post(
-        "127.0.0.1", port, request(port), connect_timeout=1.0, keep_alive=75, deadline=loop.time() + 0.3
-    )
-    received = b""
-    async for chunk in resp.chunks():
-        received += chunk
-        resp.deadline = loop.time() + 1.0
-    resp.close()
-    assert received == b"data: x" * 6
+    # The stream takes 0.6 s, longer than its 0.3 s idle limit: only arrivals keep it alive.
     resp = await client.post(
         "127.0.0.1", port, request(port), connect_timeout=1.0, keep_alive=75, deadline=loop.time() + 5
     )
+    resp.until_idle(0.3, hard=loop.time() + 5)
+    received = b""
+    async for chunk in resp.chunks():
+        received += chunk
+    resp.close()
+    assert received == b"data: x" * 6
+    # A total limit shorter than the stream ends it, data flowing or not.
+    resp = await client.post(
+        "127.0.0.1", port, request(port), connect_timeout=1.0, keep_alive=75, deadline=loop.time() + 5
+    )
+    resp.until_idle(1.0, hard=loop.time() + 0.3)
     with pytest.raises(TimeoutError):
         async for _ in resp.chunks():
-            resp.deadline = loop.time() + 0.3
+            pass
+    resp.close()
+    # A stream that stalls dies one idle limit after its last data.
+    resp = await client.post(
+        "127.0.0.1", port, request(port), connect_timeout=1.0, keep_alive=75, deadline=loop.time() + 5
+    )
+    resp.until_idle(0.3)
+    with pytest.raises(TimeoutError):
+        async for _ in resp.chunks():
+            pass
     resp.close()
