@@ -75,8 +75,8 @@ async def manager_for(
 def daemon_for(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
     daemons: list[Daemon] = []
 
-    def make(doc: dict[str, Any], **env: str) -> Daemon:
-        daemon = Daemon(tmp_path, doc, **env)
+    def make(doc: dict[str, Any], nofile: int | None = None, **env: str) -> Daemon:
+        daemon = Daemon(tmp_path, doc, nofile=nofile, **env)
         daemons.append(daemon)
         return daemon
 

@@ -14,14 +14,20 @@ in models.yaml):
     FAKE_EXIT_DURING_START exit with this code before opening the port
     FAKE_TOKEN_DELAY       seconds between streamed tokens (default 0)
     FAKE_TOKENS            tokens when the request has no max_tokens (default 16)
+    FAKE_TOKEN_BYTES       pad each token's text to this many bytes (default: no padding)
     FAKE_CRASH_AFTER       exit hard after streaming this many tokens
+    FAKE_CRASH_ON          exit hard on receiving a request whose body contains this text
     FAKE_IGNORE_SIGTERM    1: ignore SIGTERM (only SIGKILL ends it)
     FAKE_HANG              "start": never become ready; "request": never answer requests
     FAKE_CHILDREN          spawn this many child processes (they ignore SIGTERM too if asked)
     FAKE_LOG_REQUESTS      1: print each /v1 request with its X-Request-ID
 
 `GET /fake/stats` reports requests seen, in flight, the most ever in flight,
-streams cancelled by the client, and the connections requests came on.
+streams cancelled by the client, tokens sent, the connections requests came
+on, and the headers of the last request.
+
+What a request may contain, how many tokens it gets and how it is refused
+follow each real engine's dialect: see tests/fake_protocol.py.
 """
 
 from __future__ import annotations
@@ -34,9 +40,13 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import fake_protocol as proto  # run as a script: its own folder is not a package root
 
 
 def _bool(value: str) -> bool:
@@ -101,6 +111,8 @@ class Knobs:
         self.exit_during_start = env.get("FAKE_EXIT_DURING_START")
         self.token_delay = float(env.get("FAKE_TOKEN_DELAY", "0"))
         self.tokens = int(env.get("FAKE_TOKENS", "16"))
+        self.token_bytes = int(env.get("FAKE_TOKEN_BYTES", "0"))
+        self.crash_on = env.get("FAKE_CRASH_ON", "").encode()
         self.crash_after = int(env["FAKE_CRASH_AFTER"]) if "FAKE_CRASH_AFTER" in env else None
         self.ignore_sigterm = env.get("FAKE_IGNORE_SIGTERM") == "1"
         self.hang = env.get("FAKE_HANG", "")
@@ -120,6 +132,7 @@ class FakeEngine:
         self.stats = {"requests": 0, "in_flight": 0, "max_in_flight": 0, "cancelled": 0}
         self.peers: set[object] = set()  # the client address of every connection a request came on
         self.tokens_sent = 0
+        self.last_headers: dict[str, str] = {}
 
     @staticmethod
     def _served_name(args: argparse.Namespace) -> str:
@@ -170,44 +183,58 @@ class FakeEngine:
         return web.json_response({"object": "list", "data": [{"id": self.name, "object": "model"}]})
 
     async def get_stats(self, request: web.Request) -> web.Response:
-        return web.json_response({**self.stats, "connections": len(self.peers)})
+        return web.json_response(
+            {
+                **self.stats,
+                "connections": len(self.peers),
+                "tokens_sent": self.tokens_sent,
+                "last_headers": self.last_headers,
+            }
+        )
 
     async def flush_cache(self, request: web.Request) -> web.Response:
         return web.Response(text="cache flushed")
 
-    @staticmethod
-    def _bad_request(message: str) -> web.Response:
-        return web.json_response({"error": {"message": message, "type": "invalid_request_error"}}, status=400)
-
-    async def _json_object(self, request: web.Request) -> dict[str, Any] | None:
+    async def _read(self, request: web.Request, model: type[Any]) -> Any:
+        """The request parsed as this dialect parses it (proto.Refused otherwise)."""
+        self.last_headers = dict(request.headers)
+        raw = await request.read()
+        if self.knobs.crash_on and self.knobs.crash_on in raw:
+            print("fake engine: crashing on this request as asked (FAKE_CRASH_ON)", flush=True)
+            os._exit(1)
         try:
-            body = await request.json()
+            body = json.loads(raw)
         except ValueError:
-            return None
-        return body if isinstance(body, dict) else None
+            body = None
+        return proto.parse(self.args.dialect, model, body)
+
+    @staticmethod
+    def _refused(exc: proto.Refused) -> web.Response:
+        return web.json_response(exc.body, status=exc.status)
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
-        body = await self._json_object(request)
-        if body is None:
-            return self._bad_request("body must be a JSON object")
         chat = request.path.endswith("/chat/completions")
-        n = body.get("max_tokens") or self.knobs.tokens
-        if not isinstance(n, int) or isinstance(n, bool) or not 0 < n <= 4096:
-            return self._bad_request("max_tokens must be an integer from 1 to 4096")
+        try:
+            req = await self._read(request, proto.Chat if chat else proto.Completion)
+            n = proto.tokens_asked(self.args.dialect, req, self.knobs.tokens)
+        except proto.Refused as exc:
+            return self._refused(exc)
         self.stats["requests"] += 1
         self.stats["in_flight"] += 1
         self.stats["max_in_flight"] = max(self.stats["max_in_flight"], self.stats["in_flight"])
         self.peers.add(request.transport.get_extra_info("peername") if request.transport else None)
+        usage = {"prompt_tokens": proto.prompt_tokens(req), "completion_tokens": n}
+        usage["total_tokens"] = usage["prompt_tokens"] + n
         try:
-            if body.get("stream"):
-                return await self._stream(request, body, chat, n)
+            if req.stream:
+                return await self._stream(request, req, chat, n, usage)
             try:
                 for _ in range(n):
                     await self._emit_token()
             except asyncio.CancelledError:
                 self.stats["cancelled"] += 1
                 raise
-            return web.json_response(self._completion(body, chat, n))
+            return web.json_response(self._completion(req, chat, n, usage))
         finally:
             self.stats["in_flight"] -= 1
 
@@ -218,8 +245,12 @@ class FakeEngine:
         if self.knobs.crash_after is not None and self.tokens_sent > self.knobs.crash_after:
             os._exit(1)
 
-    def _completion(self, body: dict[str, Any], chat: bool, n: int) -> dict[str, Any]:
-        text = " ".join(f"tok{i}" for i in range(n))
+    def _token(self, i: int) -> str:
+        text = f"tok{i} "
+        return text.ljust(self.knobs.token_bytes, "x") if self.knobs.token_bytes else text
+
+    def _completion(self, req: Any, chat: bool, n: int, usage: dict[str, int]) -> dict[str, Any]:
+        text = "".join(self._token(i) for i in range(n)).rstrip()
         choice: dict[str, Any] = {"index": 0, "finish_reason": "length"}
         if chat:
             choice["message"] = {"role": "assistant", "content": text}
@@ -229,30 +260,37 @@ class FakeEngine:
             "id": "cmpl-fake",
             "object": "chat.completion" if chat else "text_completion",
             "created": int(time.time()),
-            "model": body.get("model", self.name),
+            "model": req.model or self.name,
             "choices": [choice],
-            "usage": {"prompt_tokens": 4, "completion_tokens": n, "total_tokens": 4 + n},
+            "usage": usage,
         }
 
+    def _chunk(self, req: Any, chat: bool, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        chunk: dict[str, Any] = {
+            "id": "cmpl-fake",
+            "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": int(time.time()),
+            "model": req.model or self.name,
+            "choices": choices,
+        }
+        if self.args.dialect == "sglang":
+            chunk["usage"] = None  # SGLang serialises the unset field
+        return chunk
+
     async def _stream(
-        self, request: web.Request, body: dict[str, Any], chat: bool, n: int
+        self, request: web.Request, req: Any, chat: bool, n: int, usage: dict[str, int]
     ) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await resp.prepare(request)
         try:
             for i in range(n):
                 await self._emit_token()
-                delta: dict[str, Any] = {"content": f"tok{i} "} if chat else {}
                 choice: dict[str, Any] = {"index": 0, "finish_reason": None}
-                choice.update({"delta": delta} if chat else {"text": f"tok{i} "})
-                chunk = {
-                    "id": "cmpl-fake",
-                    "object": "chat.completion.chunk" if chat else "text_completion",
-                    "created": int(time.time()),
-                    "model": body.get("model", self.name),
-                    "choices": [choice],
-                }
-                await resp.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+                choice.update({"delta": {"content": self._token(i)}} if chat else {"text": self._token(i)})
+                await resp.write(b"data: " + json.dumps(self._chunk(req, chat, [choice])).encode() + b"\n\n")
+            if proto.include_usage(self.args.dialect, req):
+                last = {**self._chunk(req, chat, []), "usage": usage}
+                await resp.write(b"data: " + json.dumps(last).encode() + b"\n\n")
             await resp.write(b"data: [DONE]\n\n")
         except (ConnectionResetError, asyncio.CancelledError):
             self.stats["cancelled"] += 1
@@ -260,11 +298,11 @@ class FakeEngine:
         return resp
 
     async def embeddings(self, request: web.Request) -> web.Response:
-        body = await self._json_object(request)
-        if body is None:
-            return self._bad_request("body must be a JSON object")
-        inputs = body.get("input", "")
-        items = inputs if isinstance(inputs, list) else [inputs]
+        try:
+            req = await self._read(request, proto.Embedding)
+        except proto.Refused as exc:
+            return self._refused(exc)
+        items = req.input if isinstance(req.input, list) else [req.input]
         data = [
             {"object": "embedding", "index": i, "embedding": [float(len(str(x)) % 7), 0.5, -0.25, 1.0]}
             for i, x in enumerate(items)
@@ -273,20 +311,18 @@ class FakeEngine:
             {
                 "object": "list",
                 "data": data,
-                "model": body.get("model", self.name),
+                "model": req.model or self.name,
                 "usage": {"prompt_tokens": len(items), "total_tokens": len(items)},
             }
         )
 
     async def rerank(self, request: web.Request) -> web.Response:
-        body = await self._json_object(request)
-        if body is None:
-            return self._bad_request("body must be a JSON object")
-        docs = body.get("documents", [])
-        if not isinstance(docs, list):
-            return self._bad_request("documents must be a list")
-        results = [{"index": i, "relevance_score": 1.0 / (i + 1)} for i in range(len(docs))]
-        return web.json_response({"results": results, "model": body.get("model", self.name)})
+        try:
+            req = await self._read(request, proto.Rerank)
+        except proto.Refused as exc:
+            return self._refused(exc)
+        results = [{"index": i, "relevance_score": 1.0 / (i + 1)} for i in range(len(req.documents))]
+        return web.json_response({"results": results, "model": req.model or self.name})
 
 
 def spawn_children(count: int, ignore_sigterm: bool) -> list[subprocess.Popen[bytes]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -60,8 +61,9 @@ def pid_alive(pid: int) -> bool:
 class Daemon:
     """`python main.py` as a real process on a free loopback port."""
 
-    def __init__(self, workdir: Path, doc: dict[str, Any], **env: str) -> None:
+    def __init__(self, workdir: Path, doc: dict[str, Any], nofile: int | None = None, **env: str) -> None:
         self.workdir = workdir
+        self.nofile = nofile  # the daemon's file descriptor limit (soft and hard), when given
         self.config = workdir / "models.yaml"
         self.config.write_text(yaml.safe_dump(doc))
         self.port = free_port()
@@ -86,10 +88,15 @@ class Daemon:
         self.log_path = self.workdir / f"daemon-{self.port}.log"
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "main.py"], cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT
-            )
+                [sys.executable, "main.py"], cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                preexec_fn=self._limit_fds if self.nofile else None,
+            )  # fmt: skip
         wait_until(self._healthy, timeout)
         return self
+
+    def _limit_fds(self) -> None:
+        assert self.nofile is not None
+        resource.setrlimit(resource.RLIMIT_NOFILE, (self.nofile, self.nofile))
 
     def _healthy(self) -> bool:
         assert self.proc is not None

@@ -67,7 +67,8 @@ async def test_stream_reaches_the_client_as_the_engine_emits_it(daemon: Daemon) 
 
 async def test_engine_dying_mid_stream_ends_it_with_an_error_event(daemon: Daemon) -> None:
     async with httpx.AsyncClient(base_url=daemon.url, timeout=30) as c:
-        body = {"model": "dies", "prompt": "x", "max_tokens": 50, "stream": True}
+        messages = [{"role": "user", "content": "x"}]
+        body = {"model": "dies", "messages": messages, "max_tokens": 50, "stream": True}
         t0 = time.monotonic()
         async with c.stream("POST", "/v1/chat/completions", json=body) as resp:
             data = b"".join([chunk async for chunk in resp.aiter_raw()])
