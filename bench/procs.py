@@ -50,7 +50,11 @@ class Proc:
                 self.popen.wait(5)
 
 
-def start_daemon(workdir: Path, models: list[dict[str, Any]], fake: bool = True, **env: str) -> Proc:
+def start_daemon(
+    workdir: Path, models: list[dict[str, Any]], fake: bool = True, root: Path = ROOT, **env: str
+) -> Proc:
+    """`python main.py` from the source tree `root` (another commit's, for an A/B), serving
+    `models`; fake engines always come from this tree, so both sides of an A/B share one."""
     workdir.mkdir(parents=True, exist_ok=True)
     doc: dict[str, Any] = {"models": models}
     if fake:
@@ -69,7 +73,7 @@ def start_daemon(workdir: Path, models: list[dict[str, Any]], fake: bool = True,
         **env,
     }
     with (workdir / "daemon.log").open("wb") as log:
-        popen = subprocess.Popen([sys.executable, "main.py"], cwd=ROOT, env=full_env, stdout=log, stderr=log)
+        popen = subprocess.Popen([sys.executable, "main.py"], cwd=root, env=full_env, stdout=log, stderr=log)
     proc = Proc("daemon", popen, f"http://127.0.0.1:{port}")
     wait_http(proc.url + "/health", 30)
     return proc
