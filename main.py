@@ -14,6 +14,7 @@ import uvicorn
 
 from api.app import create_app
 from api.auth import Authenticator
+from api.connections import ClientLimits, ConnectionTable, connection_cap
 from api.context import AppContext
 from api.metrics import Metrics
 from api.request_log import configure_logging
@@ -49,6 +50,18 @@ def build(settings: Settings) -> AppContext:
     return AppContext(settings=settings, manager=manager, execution_mode=mode, metrics=metrics, auth=auth)
 
 
+def client_limits(settings: Settings) -> ClientLimits:
+    return ClientLimits(
+        max_connections=connection_cap(settings.max_connections),
+        max_header_bytes=settings.max_header_bytes,
+        max_headers=settings.max_headers,
+        keep_alive=settings.client_keep_alive_timeout,
+        header_timeout=settings.client_header_timeout,
+        body_timeout=settings.client_body_timeout,
+        write_timeout=settings.client_write_timeout,
+    )
+
+
 def main() -> int:
     settings = Settings()
     configure_logging(settings.log_level, settings.log_format)
@@ -70,7 +83,9 @@ def main() -> int:
         host=settings.router_host,
         port=settings.router_port,
         log_level=settings.log_level,
-        http=HttpProtocol,  # uvicorn's httptools protocol, one write per response
+        # uvicorn's httptools protocol, one write per response, and the client limits.
+        http=HttpProtocol.bind(ConnectionTable(client_limits(settings))),
+        ws="none",
         proxy_headers=False,  # applied by the Dispatcher to control routes only
         log_config=None,  # uvicorn's loggers go through ours (request IDs, JSON)
         access_log=False,  # replaced by our access log, which carries the request ID

@@ -41,7 +41,9 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     if exc.status_code == 404:
         return error_response(NotFound(f"No route {request.method} {request.url.path}"))
     if exc.status_code == 405:
-        return error_response(MethodNotAllowed(f"Method {request.method} not allowed on {request.url.path}"))
+        allow = (exc.headers or {}).get("Allow")
+        message = f"Method {request.method} not allowed on {request.url.path}"
+        return error_response(MethodNotAllowed(message, allow))
     err = RouterError(str(exc.detail))
     err.status = exc.status_code  # type: ignore[misc]
     return error_response(err)
@@ -80,7 +82,15 @@ def create_app(ctx: AppContext) -> Dispatcher:
             ticker.close()
             await ctx.manager.shutdown()
 
-    app = FastAPI(title="unified-inference", lifespan=lifespan)
+    # The OpenAPI pages are off unless ENABLE_DOCS; then they need a key like any route.
+    docs = ctx.settings.enable_docs
+    app = FastAPI(
+        title="unified-inference",
+        lifespan=lifespan,
+        docs_url="/docs" if docs else None,
+        redoc_url="/redoc" if docs else None,
+        openapi_url="/openapi.json" if docs else None,
+    )
     app.state.ctx = ctx
     app.add_exception_handler(RouterError, _router_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)

@@ -25,10 +25,10 @@ import ipaddress
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
+from api.compute import Limits
 from config.keys import KeyPolicy, KeyStore
-from router.errors import Forbidden, LimitExceeded, RateLimited, Unauthorized
+from router.errors import Forbidden, RateLimited, Unauthorized
 
 
 class TokenBucket:
@@ -54,8 +54,9 @@ class TokenBucket:
         self._refill()
         self.level -= amount
 
-
-Limits = tuple[tuple[str, int], ...]  # (request field, largest value allowed)
+    def give(self, amount: float) -> None:
+        self._refill()
+        self.level = min(self.capacity, self.level + amount)
 
 
 def effective_limits(policy: KeyPolicy | None, max_tokens: int, max_n: int) -> Limits:
@@ -69,7 +70,7 @@ def effective_limits(policy: KeyPolicy | None, max_tokens: int, max_n: int) -> L
     n = lower(policy.max_n if policy else None, max_n)
     limits: list[tuple[str, int]] = []
     if tokens is not None:
-        limits += [("max_tokens", tokens), ("max_completion_tokens", tokens)]
+        limits.append(("max_tokens", tokens))  # max_completion_tokens too: api/compute.py
     if n is not None:
         limits.append(("n", n))
     return tuple(limits)
@@ -97,6 +98,13 @@ class Admission:
     @property
     def counts_tokens(self) -> bool:
         return self.state is not None and self.state.tokens is not None
+
+    def refund(self) -> None:
+        """The daemon turned the request away before any engine saw it (GPU_OVERLOADED,
+        QUEUE_FULL): it costs the key nothing, not even one of its requests."""
+        if not self.done and self.state is not None and self.state.requests is not None:
+            self.state.requests.give(1.0)
+        self.finish(0)
 
     def finish(self, tokens: int) -> None:
         if self.done or self.state is None:
@@ -136,7 +144,7 @@ def _is_loopback(client: tuple[str, int] | None) -> bool:
 class Authenticator:
     def __init__(self, store: KeyStore, max_tokens: int = 0, max_n: int = 0) -> None:
         self.store = store
-        self._global_limits = effective_limits(None, max_tokens, max_n)
+        self.global_limits = effective_limits(None, max_tokens, max_n)  # requests without a key
         self._admin_digest = bytes.fromhex(store.admin_sha256) if store.admin_sha256 else None
         self._verified: dict[bytes, KeyState] = {}  # keys that passed _lookup; only configured ones
         self._states = {
@@ -182,14 +190,10 @@ class Authenticator:
             raise Unauthorized("The API key is not valid")
         return state
 
-    def admit(self, state: KeyState | None, model: str, payload: Mapping[str, Any]) -> Admission:
-        """Check the request against global and per-key limits; count it in flight."""
-        if state is None:
-            if self._global_limits:
-                _check_compute(self._global_limits, payload)
-            return OPEN
-        if state.limits:
-            _check_compute(state.limits, payload)
+    def admit(self, state: KeyState, model: str) -> Admission:
+        """Check the key's model list, concurrency and rates; count the request in flight.
+        (What a request may ask for is `state.limits`, or `global_limits` without a key:
+        api/compute.py enforces it.)"""
         policy = state.policy
         if policy.models is not None and model not in policy.models:
             raise Forbidden(f"Key '{policy.name}' may not use model '{model}'")
@@ -220,10 +224,3 @@ class Authenticator:
         if key is not None and self._lookup(key) is not None:
             raise Forbidden("This is a client key; admin routes need ADMIN_API_KEY")
         raise Unauthorized("Admin routes need ADMIN_API_KEY: Authorization: Bearer <key>")
-
-
-def _check_compute(limits: Limits, payload: Mapping[str, Any]) -> None:
-    for field_name, limit in limits:
-        value = payload.get(field_name)
-        if isinstance(value, int | float) and not isinstance(value, bool) and value > limit:
-            raise LimitExceeded(f"{field_name} is {value}; at most {limit} is allowed")

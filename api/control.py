@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.types import DecoratedCallable
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from api.context import AppContext
@@ -71,13 +72,18 @@ router = APIRouter()
 FOLLOW_POLL_SECONDS = 0.2
 
 
-@router.get("/health")
+def get(path: str) -> Callable[[DecoratedCallable], DecoratedCallable]:
+    """A GET route that answers HEAD too (FastAPI adds HEAD nowhere)."""
+    return router.api_route(path, methods=["GET", "HEAD"])
+
+
+@get("/health")
 async def health(request: Request) -> dict[str, Any]:
     ctx = _ctx(request)
     return {"status": "ok", "execution_mode": ctx.execution_mode, "models": len(ctx.registry.models)}
 
 
-@router.get("/v1/models")
+@get("/v1/models")
 async def list_models(request: Request, model: str | None = None) -> dict[str, Any]:
     ctx = _ctx(request)
     if model is not None:
@@ -88,7 +94,7 @@ async def list_models(request: Request, model: str | None = None) -> dict[str, A
     return {"object": "list", "data": [_model_card(ctx, s) for s in ctx.registry.models.values()]}
 
 
-@router.get("/v1/status")
+@get("/v1/status")
 async def status(request: Request) -> dict[str, Any]:
     ctx = _ctx(request)
     return {
@@ -97,7 +103,7 @@ async def status(request: Request) -> dict[str, Any]:
     }
 
 
-@router.get("/v1/models/install")
+@get("/v1/models/install")
 async def install_guidance(request: Request) -> dict[str, Any]:
     ctx = _ctx(request)
     return {
@@ -152,7 +158,7 @@ async def admin_stop(
     return JSONResponse(_status_row(engine))
 
 
-@router.get("/v1/admin/models/{name}/logs")
+@get("/v1/admin/models/{name}/logs")
 async def admin_logs(
     request: Request, name: str, tail: int = Query(100, ge=0, le=100_000), follow: bool = False
 ) -> Response:
@@ -176,7 +182,7 @@ async def admin_logs(
     return StreamingResponse(stream(), media_type="text/plain; charset=utf-8")
 
 
-@router.get("/metrics")
+@get("/metrics")
 async def metrics(request: Request) -> Response:
     return Response(generate_latest(_ctx(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)
 

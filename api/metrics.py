@@ -182,7 +182,9 @@ class EngineCollector(Collector):
             f"{P}_engine_queued_requests", "Requests waiting for the engine to start.", labels=["model"]
         )
         failures = GaugeMetricFamily(
-            f"{P}_engine_consecutive_failures", "Failures since the engine last started.", labels=["model"]
+            f"{P}_engine_consecutive_failures",
+            "Failures in a row, since the engine last proved healthy.",
+            labels=["model"],
         )
         for engine in list(self.manager.engines.values()):
             for s in EngineState:

@@ -139,6 +139,8 @@ def load_registry(path: Path) -> Registry:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(path, [f"cannot read file: {exc.strerror or exc}"]) from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(path, [f"not UTF-8 text (byte {exc.start} cannot be decoded)"]) from exc
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:

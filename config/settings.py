@@ -59,6 +59,21 @@ class Settings(BaseSettings):
     backend_read_timeout: float = Field(600.0, gt=0)
     backend_total_timeout: float = Field(0.0, ge=0)
     max_request_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    # An engine's non-streaming answer is read whole before it is sent on (so a
+    # broken one is a clean 502); larger ones get 502 RESPONSE_TOO_LARGE.
+    max_response_body_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+
+    # Client connections (api/connections.py): how many may be open, how large
+    # a request head may be, and how long a client may keep the daemon waiting.
+    max_connections: int = Field(1024, ge=1)
+    max_header_bytes: int = Field(32 * 1024, ge=1024)
+    max_headers: int = Field(100, ge=8)
+    client_header_timeout: float = Field(10.0, gt=0)
+    client_body_timeout: float = Field(30.0, gt=0)
+    client_keep_alive_timeout: float = Field(5.0, gt=0)
+    client_write_timeout: float = Field(60.0, gt=0)
+    # /docs, /redoc and /openapi.json (off: they describe the API to anyone who asks).
+    enable_docs: bool = False
     # Requests allowed to wait for one model's engine to start (per model:
     # `max_queued_requests`); more get 429 QUEUE_FULL.
     max_queued_requests: int = Field(256, ge=1)

@@ -64,6 +64,9 @@ from lifecycle.state import (
 log = logging.getLogger(__name__)
 
 READY_POLL_INTERVAL = 0.025  # seconds between readiness probes during a start
+# An engine that stayed up this long before it failed had recovered: its earlier
+# failures no longer count towards the back-off.
+STABLE_AFTER = 60.0
 PROBE_TIMEOUT = 2.0
 ERROR_TAIL_LINES = 15
 BACKOFF_CAP = 60.0
@@ -134,7 +137,8 @@ class Engine:
         self.waiting = 0  # requests inside ensure_ready, waiting for a transition
         self.in_flight = 0
         self.starts = 0
-        self.failures = 0
+        self.failures = 0  # in a row: reset once the engine proves healthy, not merely when it starts
+        self._ready_since: float | None = None  # monotonic time of the last READY
         self.last_used: float | None = None
         self.last_error: str | None = None
         self.retry_at: float | None = None
@@ -310,6 +314,13 @@ class Engine:
         elif self._state is EngineState.READY:
             await asyncio.shield(self._begin(self._run_stop(EngineState.STOPPED, None)))
 
+    def proved_healthy(self) -> None:
+        """The engine answered a request in full: its earlier failures are forgiven. (A start
+        alone proves nothing: an engine that crashes on every request starts fine each time,
+        and its back-off must still grow.)"""
+        self.failures = 0
+        self.retry_at = None
+
     def check_exited(self) -> bool:
         """After a refused connection: has the process died? If so, start the crash stop
         now rather than when the exit notice is processed, so a retry waits for a new engine."""
@@ -382,6 +393,10 @@ class Engine:
             )
 
     def _record_failure(self, reason: str) -> None:
+        up = time.monotonic() - self._ready_since if self._ready_since is not None else 0.0
+        self._ready_since = None
+        if up >= STABLE_AFTER:
+            self.failures = 0
         self.failures += 1
         self.last_error = reason
         delay = backoff_delay(self.failures)
@@ -413,8 +428,8 @@ class Engine:
         except asyncio.CancelledError:
             self.kill_now()
             raise
-        self.failures = 0
         self.retry_at = None
+        self._ready_since = time.monotonic()
         self._set(EngineState.READY)
         events.started(self.name, self.spec.backend, time.monotonic() - began)
         log.info("engine '%s' ready on %s (pid %s)", self.name, self.base_url, self.pid)
@@ -504,6 +519,7 @@ class Engine:
         if final is EngineState.FAILED and reason is not None:
             output = [line for line in self.log.tail(ERROR_TAIL_LINES) if not line.startswith("=== ")]
             self._record_failure(reason + (f"; last output: {output[-1]}" if output else ""))
+        self._ready_since = None
         self._set(final)
         if final is EngineState.FAILED:
             self._services.events.crashed(self.name, self.spec.backend)

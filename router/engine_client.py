@@ -12,12 +12,15 @@ head and parses the answer with httptools (llhttp, the parser uvicorn uses):
   (`chunks()`), with reading paused while unread data piles up.
 - A connection goes back to the pool only after a complete, keep-alive answer.
   Closing an unfinished response aborts its connection, so the engine sees the
-  client leave (that is how cancellation reaches an engine).
+  client leave (that is how cancellation reaches an engine). A request is never
+  sent twice: only a refused connection (the engine never saw it) is an error
+  the caller may retry.
 - Idle connections are reused newest first, and dropped a margin before the
   engine's own keep-alive would close them (the caller says how long that is).
 - Every response has a deadline (loop time). Past it, reading fails with
   TimeoutError. A stream can instead be given an idle limit: each arrival
-  then moves the deadline on. Deadlines are checked by a shared Ticker, not a
+  then moves the deadline on, and so does time spent not waiting for the engine
+  (relaying to a slow client). Deadlines are checked by a shared Ticker, not a
   timer per request.
 """
 
@@ -31,6 +34,7 @@ from typing import cast
 
 import httptools
 
+from router.errors import ResponseTooLarge
 from router.ticker import Ticker
 
 KEEP_ALIVE_MARGIN = 1.0  # reuse an idle connection only this long before the engine may close it
@@ -203,9 +207,15 @@ class EngineResponse:
         return not self.keep_alive
 
     def tick(self, now: float) -> bool:
-        """The Ticker's check: fail the answer once its deadline has passed."""
+        """The Ticker's check: fail the answer once its deadline has passed.
+
+        With an idle limit, only the engine's silence counts: while the reader is
+        not waiting for data (it is sending to a slow client, and reading from the
+        engine is paused for backpressure), the deadline moves on with the clock."""
         if self.complete or self._closed or self._error is not None:
             return False
+        if self._idle and self._waiter is None:
+            self.deadline = min(now + self._idle, self._hard)
         if now >= self.deadline:
             self.fail(TimeoutError("the engine's answer did not come in time"))
             return False
@@ -242,12 +252,18 @@ class EngineResponse:
         self._buffered = 0
         return data
 
-    async def read(self) -> bytes:
-        """The whole body."""
+    async def read(self, limit: int) -> bytes:
+        """The whole body; ResponseTooLarge (and the connection dropped) past `limit` bytes
+        (never more than `limit` and one read are held)."""
         parts: list[bytes] = []
+        size = 0
         while True:
             if self._buffer:
-                parts.append(self._take())  # taking resumes a paused read
+                part = self._take()  # taking resumes a paused read
+                size += len(part)
+                if size > limit:
+                    raise ResponseTooLarge(f"The engine's answer is over the {limit}-byte limit")
+                parts.append(part)
             if self.complete:
                 return parts[0] if len(parts) == 1 else b"".join(parts)
             await self._wait()
@@ -339,16 +355,11 @@ class EngineClient:
         `deadline`: loop time by which the answer must be in (see EngineResponse.deadline).
         """
         key = (host, port)
-        conn = self._reuse(key)
-        if conn is not None:
-            try:
-                return await self._exchange(conn, request, keep_alive, deadline)
-            except EngineConnectionLost as exc:
-                if not exc.before_answer:
-                    raise
-                # A kept connection the engine had already closed (it never read
-                # the request): once more, on a new connection.
-        conn = await self._connect(key, connect_timeout)
+        # A kept connection that breaks once the request is written is not retried: the
+        # engine may have read the request (an engine that crashed on it would crash
+        # again). Kept connections are reused only well inside the engine's keep-alive,
+        # so one closed for idleness under a new request is not expected.
+        conn = self._reuse(key) or await self._connect(key, connect_timeout)
         return await self._exchange(conn, request, keep_alive, deadline)
 
     async def _exchange(

@@ -2,23 +2,30 @@
 
     RouterError                      {"error": {"code", "type", "message", ...}}
      ├── ModelRequired          400  MODEL_REQUIRED
-     ├── InvalidRequest         400  INVALID_JSON, INVALID_BODY (malformed or non-object body),
-     │                               ENDPOINT_NOT_SUPPORTED (e.g. chat with an embedding model),
-     │                               LIMIT_EXCEEDED (max_tokens or n over a key's or the global limit)
+     ├── InvalidRequest         400  INVALID_JSON, INVALID_BODY (malformed or non-object body, nested
+     │                               too deep), ENDPOINT_NOT_SUPPORTED (e.g. chat with an embedding
+     │                               model), LIMIT_EXCEEDED (max_tokens or n over a key's or the
+     │                               global limit), INVALID_HTTP (not an HTTP request)
      ├── Unauthorized           401  UNAUTHORIZED (missing or wrong API key; + WWW-Authenticate)
      ├── Forbidden              403  FORBIDDEN (model not allowed for the key; client key on admin route)
      ├── NotFound               404  NOT_FOUND (no such route)
      ├── ModelNotFound          404  MODEL_NOT_FOUND (+ available_models, install_endpoint)
-     ├── MethodNotAllowed       405  METHOD_NOT_ALLOWED
+     ├── MethodNotAllowed       405  METHOD_NOT_ALLOWED (+ Allow)
+     ├── RequestTimeout         408  REQUEST_TIMEOUT (a request head or body came too slowly)
      ├── PayloadTooLarge        413  REQUEST_TOO_LARGE
+     ├── HeadersTooLarge        431  HEADERS_TOO_LARGE (MAX_HEADER_BYTES, MAX_HEADERS)
      ├── FormatNotSupported     422  FORMAT_NOT_SUPPORTED
      ├── InvalidConfig          400  INVALID_CONFIG (a reload found models.yaml invalid; + problems)
      ├── GpuOverloaded          429  GPU_OVERLOADED (+ Retry-After)
      ├── QueueFull              429  QUEUE_FULL (too many requests wait for one engine's start; + Retry-After)
      ├── RateLimited            429  RATE_LIMITED (a key's per-minute or concurrency limit; + Retry-After)
-     ├── BackendUnavailable     502  BACKEND_UNAVAILABLE (connection to the engine failed or broke)
+     ├── BackendError           4xx/502  BACKEND_ERROR (the engine refused or failed the request;
+     │                               its status if 4xx, 502 for its 5xx; its message kept)
+     ├── BackendUnavailable     502  BACKEND_UNAVAILABLE (connection to the engine failed or broke),
+     │    └── ResponseTooLarge       RESPONSE_TOO_LARGE (an answer over MAX_RESPONSE_BODY_BYTES)
      ├── ModelUnavailable       503  MODEL_UNAVAILABLE (start failed, backing off, draining, or wrong mode)
      ├── ShuttingDown           503  SHUTTING_DOWN (a stream cut off when the shutdown grace ran out)
+     ├── TooManyConnections     503  TOO_MANY_CONNECTIONS (MAX_CONNECTIONS are open; + Retry-After)
      └── BackendTimeout         504  BACKEND_TIMEOUT
 
 Lifecycle and HTTP-client exceptions are translated into these once, where
@@ -82,6 +89,10 @@ class LimitExceeded(InvalidRequest):
     code = "LIMIT_EXCEEDED"
 
 
+class InvalidHttp(InvalidRequest):
+    code = "INVALID_HTTP"
+
+
 class Unauthorized(RouterError):
     status, code, type = 401, "UNAUTHORIZED", "authentication_error"
 
@@ -115,6 +126,21 @@ class ModelNotFound(RouterError):
 class MethodNotAllowed(RouterError):
     status, code, type = 405, "METHOD_NOT_ALLOWED", "invalid_request_error"
 
+    def __init__(self, message: str, allow: str | None = None) -> None:
+        super().__init__(message)
+        self.allow = allow
+
+    def headers(self) -> dict[str, str]:
+        return {"Allow": self.allow} if self.allow else {}
+
+
+class RequestTimeout(RouterError):
+    status, code, type = 408, "REQUEST_TIMEOUT", "invalid_request_error"
+
+
+class HeadersTooLarge(RouterError):
+    status, code, type = 431, "HEADERS_TOO_LARGE", "invalid_request_error"
+
 
 class PayloadTooLarge(RouterError):
     status, code, type = 413, "REQUEST_TOO_LARGE", "invalid_request_error"
@@ -132,6 +158,25 @@ class BackendUnavailable(RouterError):
     status, code, type = 502, "BACKEND_UNAVAILABLE", "api_error"
 
 
+class ResponseTooLarge(BackendUnavailable):
+    code = "RESPONSE_TOO_LARGE"
+
+
+class BackendError(RouterError):
+    """The engine answered with an error: its status (5xx become 502), its message, and its
+    own code when that is a string (e.g. llama.cpp's `context_length_exceeded`)."""
+
+    code, type = "BACKEND_ERROR", "api_error"
+
+    def __init__(self, status: int, message: str, code: str | None = None, **extra: Any) -> None:
+        super().__init__(message, **extra)
+        self.status = status if 400 <= status < 500 else 502  # type: ignore[misc]
+        if code:
+            self.code = code  # type: ignore[misc]
+        if status < 500:
+            self.type = "invalid_request_error"  # type: ignore[misc]
+
+
 class BackendConnectFailed(BackendUnavailable):
     """The engine refused the connection: it never saw the request, so a retry is safe."""
 
@@ -146,6 +191,10 @@ class QueueFull(RouterError):
 
 class ShuttingDown(RouterError):
     status, code, type = 503, "SHUTTING_DOWN", "api_error"
+
+
+class TooManyConnections(RouterError):
+    status, code, type = 503, "TOO_MANY_CONNECTIONS", "api_error"
 
 
 class InvalidConfig(RouterError):
