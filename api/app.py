@@ -18,6 +18,7 @@ from starlette.routing import Route
 from api.context import AppContext
 from api.control import router as control_router
 from api.dispatch import Dispatcher
+from api.heap import trim_heap_forever
 from api.inference import INFERENCE_PATHS, InferenceEndpoint
 from api.reload import reload_registry
 from router.errors import InvalidConfig, InvalidRequest, MethodNotAllowed, NotFound, RouterError
@@ -74,9 +75,11 @@ def create_app(ctx: AppContext) -> Dispatcher:
         # Everything built so far lives as long as the daemon: keep it out of the
         # collector's generations so full collections stay short under load.
         gc.freeze()
+        trimmer = loop.create_task(trim_heap_forever(), name="heap-trim")
         try:
             yield
         finally:
+            trimmer.cancel()
             loop.remove_signal_handler(signal.SIGHUP)
             await upstream.close()
             ticker.close()

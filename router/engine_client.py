@@ -86,8 +86,12 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.client.forget(self)
-        if self.response is not None and not self.response.complete:
-            self.response.connection_lost()
+        response, self.response = self.response, None
+        if response is not None and not response.complete:
+            response.connection_lost()
+        # Break the reference cycles (parser and transport each hold this protocol): freed
+        # now, not at the next full collection, with the buffers they hold.
+        self.parser = self.transport = None  # type: ignore[assignment]
 
     # httptools callbacks
 
@@ -288,6 +292,8 @@ class EngineResponse:
             self._conn.release()
         else:
             self._conn.abort()
+            self._buffer.clear()
+            self._error = None  # its traceback holds the reader's frames, which hold this
 
 
 class EngineClient:
