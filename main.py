@@ -78,6 +78,10 @@ def main() -> int:
         settings.router_host,
         settings.router_port,
     )
+    for spec in ctx.registry.models.values():
+        what = f": {spec.description}" if spec.description else ""
+        log.info("model %s: %s on %s (%s), %s%s", spec.name, spec.type, spec.backend, spec.execution_mode,
+                 spec.model_path, what)  # fmt: skip
     config = uvicorn.Config(
         create_app(ctx),
         host=settings.router_host,

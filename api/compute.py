@@ -28,10 +28,17 @@ from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 
-from router.errors import InvalidRequest, LimitExceeded
+from backends.capabilities import ENGINE_NAMES, EngineRoute
+from router.errors import InvalidRequest, LimitExceeded, ParameterNotSupported
 
 Limits = tuple[tuple[str, int], ...]  # (request field, largest value allowed)
 TOKEN_FIELDS = ("max_tokens", "max_completion_tokens")
+# The fields that bound a route's output, the first one written when a limit applies.
+OUTPUT_LIMITS: dict[str, tuple[str, ...]] = {
+    "/v1/completions": TOKEN_FIELDS,
+    "/v1/chat/completions": TOKEN_FIELDS,
+    "/v1/responses": ("max_output_tokens",),
+}
 _LAX_INT: TypeAdapter[int] = TypeAdapter(int)
 BYTES_PER_TOKEN = 4  # for estimates: English text runs ~4 bytes a token in most tokenizers
 
@@ -46,13 +53,15 @@ def as_int(field: str, value: Any) -> int:
         raise InvalidRequest(f"{field} must be an integer, not {str(value)[:40]!r}") from exc
 
 
-def enforce(limits: Limits, payload: dict[str, Any], generates: bool) -> bool:
-    """Check `payload` against `limits`, rewriting it as described above; True if it changed."""
+def enforce(limits: Limits, payload: dict[str, Any], token_fields: tuple[str, ...]) -> bool:
+    """Check `payload` against `limits`, rewriting it as described above; True if it changed.
+    `token_fields`: the route's fields that bound its output, the first one written (none:
+    the route generates nothing)."""
     changed = False
     for field, limit in limits:
         if field == "max_tokens":
-            if generates:
-                _enforce_tokens(limit, payload)
+            if token_fields:
+                _enforce_tokens(limit, payload, token_fields)
                 changed = True
         elif field == "n" and payload.get("n") is not None:
             raw = payload["n"]
@@ -64,9 +73,9 @@ def enforce(limits: Limits, payload: dict[str, Any], generates: bool) -> bool:
     return changed
 
 
-def _enforce_tokens(limit: int, payload: dict[str, Any]) -> None:
+def _enforce_tokens(limit: int, payload: dict[str, Any], fields: tuple[str, ...]) -> None:
     asked: list[int] = []
-    for field in TOKEN_FIELDS:
+    for field in fields:
         raw = payload.get(field)
         if raw is None:
             continue
@@ -76,15 +85,56 @@ def _enforce_tokens(limit: int, payload: dict[str, Any]) -> None:
         if value > 0:  # 0 and below mean "no limit" to llama.cpp: the limit applies
             asked.append(value)
     tokens = min(asked, default=limit)
-    payload["max_tokens"] = tokens
-    if payload.get("max_completion_tokens") is not None:
-        payload["max_completion_tokens"] = tokens
+    payload[fields[0]] = tokens
+    for field in fields[1:]:
+        if payload.get(field) is not None:
+            payload[field] = tokens
 
 
-def max_tokens_asked(payload: Mapping[str, Any]) -> int | None:
+def apply_defaults(
+    defaults: Mapping[str, Any], payload: dict[str, Any], token_fields: tuple[str, ...], limits: Limits = ()
+) -> bool:
+    """A model's request defaults (models.yaml `defaults:`), for what the request leaves out;
+    `max_tokens` stands for the route's token fields, and counts as given when one of them is
+    (null, 0 or below do not count: llama.cpp reads them as no limit); a limit under the
+    default wins. True if the payload changed."""
+    changed = False
+    for field, value in defaults.items():
+        if field == "max_tokens":
+            if token_fields and max_tokens_asked(payload, token_fields) is None:
+                for other in token_fields[1:]:
+                    payload.pop(other, None)
+                payload[token_fields[0]] = min([value, *(n for name, n in limits if name == "max_tokens")])
+                changed = True
+        elif payload.get(field) is None:
+            payload[field] = value
+            changed = True
+    return changed
+
+
+def adapt(backend: str, route: EngineRoute, payload: dict[str, Any]) -> bool:
+    """Make the request one the engine reads as meant (backends/capabilities.py): refuse what
+    it cannot honour, and give `max_completion_tokens` as `max_tokens` where it reads only
+    that one. True if the payload changed."""
+    for refusal in route.refusals:
+        value = payload.get(refusal.field)
+        if value is not None and refusal.applies(value):
+            raise ParameterNotSupported(f"{refusal.field}: {ENGINE_NAMES[backend]} {refusal.lacks}")
+    if not route.lacks_max_completion_tokens or "max_completion_tokens" not in payload:
+        return False
+    raw = payload.pop("max_completion_tokens")
+    wanted = as_int("max_completion_tokens", raw) if raw is not None else 0
+    current = payload.get("max_tokens")
+    current = as_int("max_tokens", current) if current is not None else 0
+    if wanted > 0:
+        payload["max_tokens"] = min(wanted, current) if current > 0 else wanted
+    return True
+
+
+def max_tokens_asked(payload: Mapping[str, Any], token_fields: tuple[str, ...] = TOKEN_FIELDS) -> int | None:
     """The most tokens the request lets the engine generate, if it says (None: the engine decides)."""
     values = []
-    for field in TOKEN_FIELDS:
+    for field in token_fields:
         raw = payload.get(field)
         if raw is not None:
             try:

@@ -25,12 +25,22 @@ import orjson
 
 from api.auth import OPEN, Admission, KeyState
 from api.body import Receive, parse_payload, read_body
-from api.compute import enforce, max_tokens_asked, prompt_tokens_estimate, truthy
+from api.compute import (
+    OUTPUT_LIMITS,
+    Limits,
+    adapt,
+    apply_defaults,
+    enforce,
+    max_tokens_asked,
+    prompt_tokens_estimate,
+    truthy,
+)
 from api.context import AppContext
 from api.disconnect import DisconnectGuard
 from api.errors import send_error
 from api.metrics import UNKNOWN_MODEL
 from api.request_log import REQUEST_ID, access_log, request_id_from
+from backends.capabilities import ENGINE_NAMES, ROUTES
 from config.models import ModelSpec
 from lifecycle.engine import Engine, Lease
 from lifecycle.state import EngineError, EngineQueueFull
@@ -58,15 +68,18 @@ INFERENCE_PATHS: dict[str, frozenset[str]] = {
     "/v1/embeddings": frozenset({"embedding"}),
     "/v1/rerank": frozenset({"reranker"}),
     "/v1/score": frozenset({"reranker"}),
+    "/v1/responses": frozenset({"llm"}),
+    "/v1/tokenize": frozenset({"llm", "embedding"}),
+    "/v1/detokenize": frozenset({"llm", "embedding"}),
 }
-GENERATION_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
+GENERATION_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})  # stream_options apply
 
 
 class Call:
     """One request, from its first byte to its access-log line."""
 
-    __slots__ = ("admission", "backend", "body", "id_header", "metered", "model", "payload", "relay",
-                 "request_id", "requested", "rewritten", "send", "t0")  # fmt: skip
+    __slots__ = ("admission", "backend", "body", "engine_path", "id_header", "metered", "model", "payload",
+                 "relay", "request_id", "requested", "rewritten", "send", "t0")  # fmt: skip
 
     def __init__(self, send: Send, request_id: str, t0: float) -> None:
         self.send = send
@@ -82,6 +95,7 @@ class Call:
         self.admission: Admission = OPEN
         self.metered = False  # the key is charged tokens
         self.relay: Relay | None = None
+        self.engine_path = ""  # the path the chosen engine serves the route at
 
 
 class InferenceEndpoint:
@@ -94,6 +108,8 @@ class InferenceEndpoint:
         self.path = path
         self.types = INFERENCE_PATHS[path]
         self.generates = path in GENERATION_PATHS
+        self.token_fields = OUTPUT_LIMITS.get(path, ())
+        self.routes = {backend: routes[path] for backend, routes in ROUTES.items() if path in routes}
         self.max_body = ctx.settings.max_response_body_bytes
         self._renames: dict[tuple[str, str], Rename] = {}
 
@@ -124,18 +140,34 @@ class InferenceEndpoint:
         call.payload, call.requested = parse_payload(call.body)
         spec = self._spec(call.requested)
         call.model, call.backend = spec.name, spec.backend
-        limits = auth.global_limits if key is None else key.limits
-        if limits:
-            call.rewritten = enforce(limits, call.payload, self.generates)
         if key is not None:
             call.admission = auth.admit(key, spec.name)
             call.metered = call.admission.counts_tokens
         try:
             engine = self._select(spec)
+            self._fit(call, engine, auth.global_limits if key is None else key.limits)
         except RouterError:
-            call.admission.refund()
+            call.admission.refund()  # no engine saw it: it costs the key nothing
             raise
         return engine, engine.acquire()  # same event-loop step as the decision
+
+    def _fit(self, call: Call, engine: Engine, limits: Limits) -> None:
+        """Fit the request to the engine chosen: its model's defaults, the limits, and what
+        the engine understands (backends/capabilities.py)."""
+        backend = engine.spec.backend
+        route = self.routes.get(backend)
+        if route is None:
+            raise EndpointNotSupported(
+                f"{ENGINE_NAMES[backend]} (model '{engine.name}') does not serve {self.path}"
+            )
+        payload = call.payload
+        if engine.spec.defaults:
+            call.rewritten |= apply_defaults(engine.spec.defaults, payload, self.token_fields, limits)
+        if limits:
+            call.rewritten |= enforce(limits, payload, self.token_fields)
+        if route.adapts:
+            call.rewritten |= adapt(backend, route, payload)
+        call.engine_path = route.path
 
     async def _serve(self, call: Call, engine: Engine, receive: Receive) -> None:
         guard = DisconnectGuard(receive, self.ticker)
@@ -180,7 +212,8 @@ class InferenceEndpoint:
             return prompt_tokens_estimate(call.payload) + relay.tokens
         if relay.complete or not disconnected:
             return 0
-        return prompt_tokens_estimate(call.payload) + (max_tokens_asked(call.payload) or 0)
+        asked = max_tokens_asked(call.payload, self.token_fields) if self.token_fields else 0
+        return prompt_tokens_estimate(call.payload) + (asked or 0)
 
     def _done(self, call: Call, served: str, status: int, code: str) -> None:
         elapsed = time.perf_counter() - call.t0
@@ -227,13 +260,13 @@ class InferenceEndpoint:
         )
         call.relay = relay
         try:
-            await self._send(relay, engine, base_url, body, call.request_id)
+            await self._send(call, engine, base_url, body)
         except BackendConnectFailed:
             if not engine.check_exited():
                 raise
             # The engine died before this request reached it: wait for a new one, send once more.
             base_url = await self._ready(engine)
-            await self._send(relay, engine, base_url, body, call.request_id)
+            await self._send(call, engine, base_url, body)
 
     def _engine_body(self, call: Call, engine: Engine) -> tuple[bytes, bool]:
         """The body the engine gets, and whether the daemon asked it for stream usage itself."""
@@ -242,7 +275,7 @@ class InferenceEndpoint:
         if served != call.requested:
             payload["model"] = served
             changed = True
-        if call.metered and engine.backend.stream_usage and truthy(payload.get("stream")):
+        if call.metered and self.generates and engine.backend.stream_usage and truthy(payload.get("stream")):
             options = payload.get("stream_options")
             if options is None or (isinstance(options, dict) and not truthy(options.get("include_usage"))):
                 payload["stream_options"] = {**(options or {}), "include_usage": True}
@@ -257,14 +290,15 @@ class InferenceEndpoint:
         except EngineError as exc:
             raise ModelUnavailable(exc.message) from exc
 
-    async def _send(self, relay: Relay, engine: Engine, base_url: str, body: bytes, request_id: str) -> None:
+    async def _send(self, call: Call, engine: Engine, base_url: str, body: bytes) -> None:
+        assert call.relay is not None
         await self.upstream.forward(
-            relay,
+            call.relay,
             base_url=base_url,
-            path=self.path,
+            path=call.engine_path,
             api_key=engine.api_key or "",
             keep_alive=engine.keep_alive,
-            request_id=request_id,
+            request_id=call.request_id,
             body=body,
             timeouts=engine.timeouts,
         )

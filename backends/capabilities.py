@@ -1,11 +1,14 @@
-"""What each engine kind can run: formats, devices, model types.
+"""What each engine kind can run (formats, devices, model types) and what it serves
+and understands of the OpenAI API.
 
 A leaf module (no project imports) so that config validation can use it.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
 
 BackendName = Literal["sglang", "vllm", "llamacpp"]
 ModelFormat = Literal["hf", "awq", "gguf"]
@@ -49,3 +52,108 @@ def format_problem(backend: str, fmt: str) -> str | None:
     if fmt in allowed:
         return None
     return f"format '{fmt}' is not supported by backend '{backend}' (supported: {', '.join(sorted(allowed))})"
+
+
+# ---------------------------------------------------------------- the OpenAI API
+#
+# What each engine serves and understands of the OpenAI API (one table, no I/O).
+#
+# Read from the engines' sources: llama-cpp-python 0.3.36 (`server/app.py`,
+# `server/types.py`), vLLM 0.33.0 (`entrypoints/openai/*/protocol.py`, `api_server.py`),
+# SGLang 0.5.23 (`srt/entrypoints/openai/protocol.py`, `http_server.py`).
+#
+# For each backend: the daemon's routes it serves, at which path of its own, and per
+# route what must be adapted. Engines parse requests with pydantic and ignore fields
+# they do not know, so a field an engine lacks would be dropped without a word:
+# - `max_completion_tokens` (what current clients send for chat) is read only by
+#   vLLM's and SGLang's chat routes; elsewhere it becomes `max_tokens` (the smaller
+#   of the two when both are given), or the engine would generate to its context's end.
+# - What an engine cannot honour and would ignore at a cost to the answer is refused
+#   with `400 PARAMETER_NOT_SUPPORTED`, naming the engine: llama.cpp returns one choice
+#   (`n`, `best_of`), one prompt per request, and no usage in streams.
+# The same table decides which routes a model's engine serves (`400
+# ENDPOINT_NOT_SUPPORTED` otherwise) and which engines cannot cancel a non-streaming
+# request when its client leaves.
+
+ENGINE_NAMES = {"llamacpp": "llama.cpp (llama-cpp-python)", "vllm": "vLLM", "sglang": "SGLang"}
+
+
+def _over_one(value: Any) -> bool:
+    try:
+        return value is not None and int(value) > 1
+    except (TypeError, ValueError):
+        return False  # the engine refuses it itself
+
+
+def _several(value: Any) -> bool:
+    return isinstance(value, list) and len(value) > 1 and not all(isinstance(v, int) for v in value)
+
+
+def _asks_usage(value: Any) -> bool:
+    return isinstance(value, dict) and value.get("include_usage") not in (None, False, "false", 0)
+
+
+@dataclass(frozen=True)
+class Refusal:
+    field: str
+    applies: Callable[[Any], bool]  # given the field's value: the engine cannot honour it
+    lacks: str  # what the engine lacks, for the message
+
+
+@dataclass(frozen=True)
+class EngineRoute:
+    """One of the daemon's routes as one engine serves it."""
+
+    path: str  # the engine's own path
+    # The route generates but ignores max_completion_tokens: it is given as max_tokens.
+    lacks_max_completion_tokens: bool = False
+    refusals: tuple[Refusal, ...] = ()
+
+    @property
+    def adapts(self) -> bool:
+        """Whether a request may need changing or refusing on its way to this engine."""
+        return bool(self.refusals) or self.lacks_max_completion_tokens
+
+
+_ONE_CHOICE = Refusal("n", _over_one, "returns one choice per request (n must be 1)")
+_NO_BEST_OF = Refusal("best_of", _over_one, "has no best_of")
+_ONE_PROMPT = Refusal("prompt", _several, "takes one prompt per request")
+_NO_STREAM_USAGE = Refusal(
+    "stream_options", _asks_usage, "sends no usage in streams (stream_options.include_usage)"
+)
+
+_OPENAI_COMMON = {
+    "/v1/completions": EngineRoute("/v1/completions", lacks_max_completion_tokens=True),
+    "/v1/chat/completions": EngineRoute("/v1/chat/completions"),
+    "/v1/embeddings": EngineRoute("/v1/embeddings"),
+    "/v1/rerank": EngineRoute("/v1/rerank"),
+    "/v1/score": EngineRoute("/v1/score"),
+    "/v1/responses": EngineRoute("/v1/responses"),
+}
+
+ROUTES: dict[str, dict[str, EngineRoute]] = {
+    "llamacpp": {
+        "/v1/completions": EngineRoute(
+            "/v1/completions", True, (_ONE_CHOICE, _NO_BEST_OF, _ONE_PROMPT, _NO_STREAM_USAGE)
+        ),
+        "/v1/chat/completions": EngineRoute("/v1/chat/completions", True, (_ONE_CHOICE, _NO_STREAM_USAGE)),
+        "/v1/embeddings": EngineRoute("/v1/embeddings"),
+        "/v1/tokenize": EngineRoute("/extras/tokenize"),
+        "/v1/detokenize": EngineRoute("/extras/detokenize"),
+    },
+    "vllm": {
+        **_OPENAI_COMMON,
+        "/v1/tokenize": EngineRoute("/tokenize"),
+        "/v1/detokenize": EngineRoute("/detokenize"),
+    },
+    "sglang": {
+        **_OPENAI_COMMON,
+        "/v1/tokenize": EngineRoute("/v1/tokenize"),
+        "/v1/detokenize": EngineRoute("/v1/detokenize"),
+    },
+}
+
+# Engines that finish a non-streaming generation whatever becomes of its connection
+# (llama-cpp-python runs it in a thread it never interrupts); the daemon streams from
+# them instead, so that a client that leaves stops the generation.
+CANNOT_CANCEL_DOCUMENTS = frozenset({"llamacpp"})

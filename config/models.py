@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from backends.capabilities import (
     DEFAULT_DEVICE,
@@ -82,6 +82,10 @@ class ModelSpec(BaseModel):
     served_model_name: str | None = None
     timeouts: ModelTimeouts = Field(default_factory=ModelTimeouts)
     max_queued_requests: int | None = Field(None, ge=1)
+    # Request fields applied when a request leaves them out (max_tokens: when it gives
+    # neither max_tokens nor max_completion_tokens).
+    defaults: dict[str, Any] = Field(default_factory=dict)
+    description: str | None = None  # what the model is, for people: logged at start-up
 
     @model_validator(mode="before")
     @classmethod
@@ -91,6 +95,16 @@ class ModelSpec(BaseModel):
             data.setdefault("execution_mode", DEFAULT_DEVICE[data["backend"]])
             data.setdefault("format", DEFAULT_FORMAT[data["backend"]])
         return data
+
+    @field_validator("defaults")
+    @classmethod
+    def _check_defaults(cls, value: dict[str, Any]) -> dict[str, Any]:
+        tokens = value.get("max_tokens")
+        if "max_tokens" in value and (type(tokens) is not int or tokens < 1):
+            raise ValueError(f"defaults.max_tokens must be a whole number of at least 1, not {tokens!r}")
+        if "max_completion_tokens" in value:
+            raise ValueError("defaults: give max_tokens (it bounds max_completion_tokens too)")
+        return value
 
     @property
     def served_name(self) -> str:

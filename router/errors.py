@@ -85,6 +85,10 @@ class EndpointNotSupported(InvalidRequest):
     code = "ENDPOINT_NOT_SUPPORTED"
 
 
+class ParameterNotSupported(InvalidRequest):
+    code = "PARAMETER_NOT_SUPPORTED"
+
+
 class LimitExceeded(InvalidRequest):
     code = "LIMIT_EXCEEDED"
 

@@ -155,6 +155,12 @@ class FakeEngine:
         r.add_post("/v1/embeddings", self.embeddings)
         r.add_post("/v1/rerank", self.rerank)
         r.add_post("/flush_cache", self.flush_cache)
+        if self.args.dialect in ("sglang", "vllm"):  # llama-cpp-python serves neither
+            r.add_post("/v1/responses", self.responses)
+        # Tokenizers: vLLM /tokenize, SGLang /v1/tokenize (and /tokenize), llama-cpp-python /extras/.
+        prefix = {"vllm": "", "sglang": "/v1", "llamacpp": "/extras"}[self.args.dialect]
+        r.add_post(f"{prefix}/tokenize", self.tokenize)
+        r.add_post(f"{prefix}/detokenize", self.detokenize)
         return app
 
     @web.middleware
@@ -296,6 +302,62 @@ class FakeEngine:
             self.stats["cancelled"] += 1
             raise
         return resp
+
+    async def responses(self, request: web.Request) -> web.StreamResponse:
+        """The Responses API as vLLM and SGLang serve it: a `response` object, or with `stream`
+        typed SSE events (`event: <type>` + `data: {"type": <type>, ...}`) ending with
+        `response.completed`; `max_output_tokens` bounds the output."""
+        try:
+            req = await self._read(request, proto.Responses)
+        except proto.Refused as exc:
+            return self._refused(exc)
+        n = min(req.max_output_tokens or self.knobs.tokens, proto.CONTEXT)
+        self.stats["requests"] += 1
+        words = [self._token(i) for i in range(n)]
+        usage = {"input_tokens": proto.prompt_tokens(req), "output_tokens": n}
+        usage["total_tokens"] = usage["input_tokens"] + n
+        text = {"type": "output_text", "text": "".join(words).rstrip(), "annotations": []}
+        message = {
+            "type": "message",
+            "id": "msg_fake",
+            "role": "assistant",
+            "status": "completed",
+            "content": [text],
+        }
+        done = {"id": "resp_fake", "object": "response", "created_at": int(time.time()),
+                "status": "completed", "model": req.model or self.name, "output": [message],
+                "usage": usage}  # fmt: skip
+        if not req.stream:
+            for _ in range(n):
+                await self._emit_token()
+            return web.json_response(done)
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await resp.prepare(request)
+
+        async def event(kind: str, **fields: Any) -> None:
+            await resp.write(f"event: {kind}\ndata: {json.dumps({'type': kind, **fields})}\n\n".encode())
+
+        await event("response.created", response={**done, "status": "in_progress", "output": []})
+        for word in words:
+            await self._emit_token()
+            await event(
+                "response.output_text.delta", item_id="msg_fake", output_index=0, content_index=0, delta=word
+            )
+        await event("response.completed", response=done)
+        return resp
+
+    async def tokenize(self, request: web.Request) -> web.Response:
+        """One token a byte. vLLM and SGLang read `prompt`, llama-cpp-python `input`."""
+        body = await request.json()
+        text = body.get("input" if self.args.dialect == "llamacpp" else "prompt", "")
+        tokens = list(str(text).encode())
+        if self.args.dialect == "llamacpp":
+            return web.json_response({"tokens": tokens})
+        return web.json_response({"tokens": tokens, "count": len(tokens), "max_model_len": proto.CONTEXT})
+
+    async def detokenize(self, request: web.Request) -> web.Response:
+        text = bytes((await request.json())["tokens"]).decode(errors="replace")
+        return web.json_response({"prompt" if self.args.dialect == "vllm" else "text": text})
 
     async def embeddings(self, request: web.Request) -> web.Response:
         try:

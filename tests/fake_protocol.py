@@ -67,6 +67,13 @@ class Chat(Generation):
     max_completion_tokens: int | None = None
 
 
+class Responses(_Lenient):
+    model: str | None = None
+    input: str | list[Any]
+    max_output_tokens: int | None = None
+    stream: bool = False
+
+
 class Embedding(_Lenient):
     model: str | None = None
     input: str | list[str] | list[int] | list[list[int]]
@@ -157,4 +164,6 @@ def prompt_tokens(request: BaseModel) -> int:
             )
             words += len(text.split()) + 1
         return max(1, words)
+    if isinstance(request, Responses):
+        return max(1, len(str(request.input).split()))
     return 1

@@ -23,7 +23,7 @@ PYTHON = re.findall(r"```python\n(.*?)```", API, re.DOTALL)
 
 
 def test_the_readme_has_the_examples() -> None:
-    assert len(CURLS) == 3 and len(PYTHON) == 1
+    assert len(CURLS) == 4 and len(PYTHON) == 1
 
 
 def test_readme_examples_work_as_written(daemon_for: Any, tmp_path: Path) -> None:
@@ -33,10 +33,11 @@ def test_readme_examples_work_as_written(daemon_for: Any, tmp_path: Path) -> Non
     def here(text: str) -> str:
         return text.replace("http://localhost:3001", daemon.url)
 
-    chat, stream, embed = (
+    text, stream, embed, chat = (
         subprocess.run(["bash", "-c", here(c)], capture_output=True, text=True, timeout=120) for c in CURLS
     )
-    assert json.loads(chat.stdout)["choices"][0]["message"]["content"]
+    assert json.loads(text.stdout)["choices"][0]["text"]
+    assert json.loads(chat.stdout)["choices"][0]["message"]["content"] is not None
     assert stream.stdout.count("data: {") >= 2 and "data: [DONE]" in stream.stdout
     assert len(json.loads(embed.stdout)["data"]) == 2
 

@@ -87,3 +87,13 @@ def test_shipped_models_yaml_is_valid() -> None:
     assert reg.models["gemma-3-270m"].backend == "llamacpp"
     assert reg.models["gemma-3-270m-embed"].type == "embedding"
     assert reg.disabled == {}
+
+
+def test_request_defaults_are_checked() -> None:
+    reg = parse_registry({"models": [_m("a", defaults={"max_tokens": 64, "temperature": 0.2})]}, SRC)
+    assert reg.models["a"].defaults == {"max_tokens": 64, "temperature": 0.2}
+    for bad in ({"max_tokens": 0}, {"max_tokens": "64"}, {"max_completion_tokens": 8}):
+        (problem,) = _problems({"models": [_m("a", defaults=bad)]})
+        assert problem.startswith("models[0] 'a': defaults:"), problem
+    shipped = load_registry(Path(__file__).resolve().parents[2] / "config" / "models.yaml")
+    assert shipped.models["gemma-3-270m"].defaults["max_tokens"] == 256  # a CPU engine's bound
