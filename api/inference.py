@@ -40,11 +40,12 @@ from api.disconnect import DisconnectGuard
 from api.errors import send_error
 from api.metrics import UNKNOWN_MODEL
 from api.request_log import REQUEST_ID, access_log, request_id_from
-from backends.capabilities import ENGINE_NAMES, ROUTES
+from backends.capabilities import CANNOT_CANCEL_DOCUMENTS, ENGINE_NAMES, ROUTES
 from config.models import ModelSpec
 from lifecycle.engine import Engine, Lease
 from lifecycle.state import EngineError, EngineQueueFull
 from router.answer import Rename
+from router.collect import Capture, Collector, collectable
 from router.errors import (
     BackendConnectFailed,
     EndpointNotSupported,
@@ -208,7 +209,7 @@ class InferenceEndpoint:
             return 0  # no engine saw it
         if relay.usage_tokens:
             return relay.usage_tokens
-        if relay.streaming:
+        if relay.streaming or relay.collecting:  # the tokens relayed or collected so far
             return prompt_tokens_estimate(call.payload) + relay.tokens
         if relay.complete or not disconnected:
             return 0
@@ -252,12 +253,17 @@ class InferenceEndpoint:
 
     async def _forward(self, call: Call, engine: Engine) -> None:
         base_url = await self._ready(engine)
-        body, hide_usage = self._engine_body(call, engine)
+        body, hide_usage, collect = self._engine_body(call, engine)
         served = engine.spec.served_name
         extra = [(b"x-served-model", engine.name.encode()), *call.id_header]
-        relay = Relay(
-            call.send, extra, self._rename(served, call.requested), call.metered, hide_usage, self.max_body
-        )
+        rename = self._rename(served, call.requested)
+        if collect:
+            chat = self.path == "/v1/chat/completions"
+            relay: Relay = Collector(
+                call.send, extra, rename, call.metered, max_body=self.max_body, chat=chat
+            )
+        else:
+            relay = Relay(call.send, extra, rename, call.metered, hide_usage, self.max_body)
         call.relay = relay
         try:
             await self._send(call, engine, base_url, body)
@@ -267,20 +273,51 @@ class InferenceEndpoint:
             # The engine died before this request reached it: wait for a new one, send once more.
             base_url = await self._ready(engine)
             await self._send(call, engine, base_url, body)
+        if isinstance(relay, Collector):
+            await relay.finish(await self._prompt_tokens(call, engine, base_url), self._max_tokens(call))
 
-    def _engine_body(self, call: Call, engine: Engine) -> tuple[bytes, bool]:
-        """The body the engine gets, and whether the daemon asked it for stream usage itself."""
-        payload, changed, hide_usage = call.payload, call.rewritten, False
+    def _engine_body(self, call: Call, engine: Engine) -> tuple[bytes, bool, bool]:
+        """The body the engine gets; whether the daemon asked it for stream usage itself; and
+        whether it asked for a stream to build the client's document from (router/collect.py)."""
+        payload, changed, hide_usage, collect = call.payload, call.rewritten, False, False
         served = engine.spec.served_name
         if served != call.requested:
             payload["model"] = served
             changed = True
-        if call.metered and self.generates and engine.backend.stream_usage and truthy(payload.get("stream")):
+        streams = truthy(payload.get("stream"))
+        if call.metered and self.generates and engine.backend.stream_usage and streams:
             options = payload.get("stream_options")
             if options is None or (isinstance(options, dict) and not truthy(options.get("include_usage"))):
                 payload["stream_options"] = {**(options or {}), "include_usage": True}
                 changed = hide_usage = True
-        return (orjson.dumps(payload) if changed else call.body), hide_usage
+        elif self.generates and not streams and engine.spec.backend in CANNOT_CANCEL_DOCUMENTS:
+            collect = collectable(payload)
+            if collect:
+                payload["stream"] = changed = True
+        return (orjson.dumps(payload) if changed else call.body), hide_usage, collect
+
+    async def _prompt_tokens(self, call: Call, engine: Engine, base_url: str) -> int:
+        """The prompt's size in tokens, which a llama.cpp stream does not say: the same request
+        asked for one token, not streamed. The engine reuses the prompt it has just evaluated
+        (llama-cpp-python keeps the longest common prefix), so this costs about one token."""
+        probe = {**call.payload, "stream": False, "max_tokens": 1}
+        probe.pop("max_completion_tokens", None)
+        capture = Capture(call.send, [], None, max_body=self.max_body)
+        await self.upstream.forward(
+            capture,
+            base_url=base_url,
+            path=call.engine_path,
+            api_key=engine.api_key or "",
+            keep_alive=engine.keep_alive,
+            request_id=call.request_id,
+            body=orjson.dumps(probe),
+            timeouts=engine.timeouts,
+        )
+        usage = orjson.loads(capture.data).get("usage") or {}
+        return int(usage.get("prompt_tokens") or 0)
+
+    def _max_tokens(self, call: Call) -> int | None:
+        return max_tokens_asked(call.payload, self.token_fields)
 
     async def _ready(self, engine: Engine) -> str:
         try:

@@ -43,6 +43,8 @@ _USAGE_EVENT = re.compile(rb'"usage"\s*:\s*\{')
 class Relay:
     """Sends the engine's answer to the client, and keeps what metrics and metering need."""
 
+    collecting = False  # a stream read whole to send one document (router/collect.py)
+
     def __init__(
         self,
         send: Send,

@@ -288,12 +288,25 @@ class FakeEngine:
     ) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await resp.prepare(request)
+        llama = self.args.dialect == "llamacpp"
+
+        async def event(**choice: Any) -> None:
+            if llama:  # llama-cpp-python's chunks always carry logprobs
+                choice = {"index": 0, **choice, "logprobs": None}
+            await resp.write(b"data: " + json.dumps(self._chunk(req, chat, [choice])).encode() + b"\n\n")
+
         try:
+            if llama and chat:  # llama_chat_format: a first event with the role alone
+                await event(index=0, delta={"role": "assistant"}, finish_reason=None)
             for i in range(n):
                 await self._emit_token()
-                choice: dict[str, Any] = {"index": 0, "finish_reason": None}
-                choice.update({"delta": {"content": self._token(i)}} if chat else {"text": self._token(i)})
-                await resp.write(b"data: " + json.dumps(self._chunk(req, chat, [choice])).encode() + b"\n\n")
+                text = self._token(i)
+                await event(
+                    index=0, **({"delta": {"content": text}} if chat else {"text": text}), finish_reason=None
+                )
+            if llama:  # and a last one with the finish reason and no text
+                last: dict[str, Any] = {"delta": {}} if chat else {"text": ""}
+                await event(index=0, **last, finish_reason="length")
             if proto.include_usage(self.args.dialect, req):
                 last = {**self._chunk(req, chat, []), "usage": usage}
                 await resp.write(b"data: " + json.dumps(last).encode() + b"\n\n")

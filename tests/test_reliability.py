@@ -204,7 +204,7 @@ def test_admin_stop_drains_unless_forced(daemon_for: Any) -> None:
             stop_resp, probe = asyncio.run(stop_and_probe())
             data += b"".join(chunks)
         assert probe.status_code == 503 and "being stopped" in probe.json()["error"]["message"]
-        assert data.endswith(b"data: [DONE]\n\n") and data.count(b"data: {") == 30
+        assert data.endswith(b"data: [DONE]\n\n") and data.count(b"data: {") == 31  # + the finish event
         assert stop_resp.json()["state"] == "stopped"
 
         with c.stream("POST", "/v1/completions", json={**body, "max_tokens": 200}) as stream:

@@ -3,12 +3,14 @@ shipped Gemma 3 270M: what each engine understands (issue 12)."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
+import psutil
 import pytest
 import yaml
 from langchain_openai import ChatOpenAI
@@ -101,3 +103,63 @@ def test_the_startup_log_says_what_each_model_is(daemon: Daemon) -> None:
         in log
     )
     assert "model gemma-3-270m-embed: embedding on llamacpp (cpu)" in log
+
+
+def _engine(daemon: Daemon) -> httpx.Client:
+    """A client of the llama.cpp engine itself, with the key the daemon launched it with."""
+    with daemon.client() as c:
+        row = next(m for m in c.get("/v1/status").json()["models"] if m["name"] == MODEL)
+    key = psutil.Process(row["pid"]).environ().get("API_KEY")
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return httpx.Client(base_url=f"http://127.0.0.1:{row['port']}", headers=headers, timeout=120)
+
+
+@pytest.mark.parametrize(
+    ("path", "fields"),
+    [
+        ("/v1/completions", {"prompt": "1, 2, 3, 4,", "max_tokens": 12}),
+        ("/v1/completions", {"prompt": "The capital of France is", "max_tokens": 40, "stop": ["."]}),
+        ("/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 16}),
+    ],
+)
+def test_a_non_streaming_answer_built_from_the_stream_is_the_engines_own(
+    daemon: Daemon, path: str, fields: dict[str, Any]
+) -> None:
+    """The daemon asks llama.cpp for a stream (so that a client leaving stops it) and sends the
+    document the engine would have sent: equal field for field but for id and created."""
+    body = {"model": MODEL, "temperature": 0, **fields}
+    # llama-cpp-python reuses the longest prefix it has evaluated, and a prompt evaluated in
+    # other batches gives logits that differ in the last bits, enough to flip a greedy choice
+    # of this small model: each request starts from the same state, after an unrelated one.
+    other = {"model": MODEL, "prompt": "Zebra", "max_tokens": 1}
+    with _engine(daemon) as engine, daemon.client(timeout=120) as c:
+        engine.post("/v1/completions", json=other)
+        own = engine.post(path, json=body).json()
+        engine.post("/v1/completions", json=other)
+        built = c.post(path, json=body).json()
+    for doc in (own, built):
+        del doc["id"], doc["created"]
+    assert built == own
+
+
+def test_an_abandoned_non_streaming_request_frees_llama_cpp(daemon: Daemon) -> None:
+    """llama-cpp-python finishes a non-streaming generation whatever becomes of its client and
+    serves one request at a time: the next request waited ~30 s behind an abandoned one."""
+    long = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 1500}
+    with daemon.client(timeout=0.5) as c, pytest.raises(httpx.TimeoutException):
+        c.post("/v1/completions", json=long)
+    with daemon.client(timeout=60) as c:
+        t0 = time.monotonic()
+        assert (
+            c.post("/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 1}).status_code
+            == 200
+        )
+        waited = time.monotonic() - t0
+    assert waited < 2, f"the next request waited {waited:.1f}s behind the abandoned one"
+
+
+def test_requests_a_stream_cannot_rebuild_go_to_the_engine_as_they_are(daemon: Daemon) -> None:
+    with daemon.client(timeout=60) as c:
+        body = {"model": MODEL, "prompt": "Hello", "max_tokens": 3, "logprobs": 2, "temperature": 0}
+        doc = c.post("/v1/completions", json=body).json()
+    assert len(doc["choices"][0]["logprobs"]["tokens"]) == 3
