@@ -79,8 +79,8 @@ GENERATION_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})  # str
 class Call:
     """One request, from its first byte to its access-log line."""
 
-    __slots__ = ("admission", "backend", "body", "engine_path", "id_header", "metered", "model", "payload",
-                 "relay", "request_id", "requested", "rewritten", "send", "t0")  # fmt: skip
+    __slots__ = ("admission", "backend", "base64", "body", "engine_path", "id_header", "metered", "model",
+                 "payload", "relay", "request_id", "requested", "rewritten", "send", "t0")  # fmt: skip
 
     def __init__(self, send: Send, request_id: str, t0: float) -> None:
         self.send = send
@@ -97,6 +97,7 @@ class Call:
         self.metered = False  # the key is charged tokens
         self.relay: Relay | None = None
         self.engine_path = ""  # the path the chosen engine serves the route at
+        self.base64 = False  # the client asked for base64 embeddings, which the engine lacks
 
 
 class InferenceEndpoint:
@@ -168,6 +169,9 @@ class InferenceEndpoint:
             call.rewritten |= enforce(limits, payload, self.token_fields)
         if route.adapts:
             call.rewritten |= adapt(backend, route, payload)
+            if route.lacks_base64 and payload.get("encoding_format") == "base64":
+                del payload["encoding_format"]  # the engine answers floats: encoded on the way back
+                call.rewritten = call.base64 = True
         call.engine_path = route.path
 
     async def _serve(self, call: Call, engine: Engine, receive: Receive) -> None:
@@ -264,6 +268,7 @@ class InferenceEndpoint:
             )
         else:
             relay = Relay(call.send, extra, rename, call.metered, hide_usage, self.max_body)
+        relay.base64 = call.base64
         call.relay = relay
         try:
             await self._send(call, engine, base_url, body)

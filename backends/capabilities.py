@@ -70,7 +70,10 @@ def format_problem(backend: str, fmt: str) -> str | None:
 #   of the two when both are given), or the engine would generate to its context's end.
 # - What an engine cannot honour and would ignore at a cost to the answer is refused
 #   with `400 PARAMETER_NOT_SUPPORTED`, naming the engine: llama.cpp returns one choice
-#   (`n`, `best_of`), one prompt per request, and no usage in streams.
+#   (`n`, `best_of`), one prompt per request, no usage in streams, no `response_format`
+#   on completions and no `dimensions` for embeddings.
+# - `encoding_format: base64` (the openai SDK's default for embeddings) is translated for
+#   llama.cpp and SGLang, which always answer floats: the daemon encodes them.
 # The same table decides which routes a model's engine serves (`400
 # ENDPOINT_NOT_SUPPORTED` otherwise) and which engines cannot cancel a non-streaming
 # request when its client leaves.
@@ -87,6 +90,14 @@ def _over_one(value: Any) -> bool:
 
 def _several(value: Any) -> bool:
     return isinstance(value, list) and len(value) > 1 and not all(isinstance(v, int) for v in value)
+
+
+def _given(value: Any) -> bool:
+    return value is not None
+
+
+def _not_text(value: Any) -> bool:
+    return not (isinstance(value, dict) and value.get("type") in (None, "text"))
 
 
 def _asks_usage(value: Any) -> bool:
@@ -108,16 +119,22 @@ class EngineRoute:
     # The route generates but ignores max_completion_tokens: it is given as max_tokens.
     lacks_max_completion_tokens: bool = False
     refusals: tuple[Refusal, ...] = ()
+    # Embeddings: the engine answers floats whatever `encoding_format` says; the daemon
+    # encodes them as base64 when asked (the openai SDK asks by default).
+    lacks_base64: bool = False
 
     @property
     def adapts(self) -> bool:
         """Whether a request may need changing or refusing on its way to this engine."""
-        return bool(self.refusals) or self.lacks_max_completion_tokens
+        return bool(self.refusals) or self.lacks_max_completion_tokens or self.lacks_base64
 
 
 _ONE_CHOICE = Refusal("n", _over_one, "returns one choice per request (n must be 1)")
 _NO_BEST_OF = Refusal("best_of", _over_one, "has no best_of")
 _ONE_PROMPT = Refusal("prompt", _several, "takes one prompt per request")
+_NO_DIMENSIONS = Refusal("dimensions", _given, "returns full-size vectors (no dimensions)")
+_SGLANG_NO_DIMENSIONS = Refusal("dimensions", _given, "returns full-size vectors (it reads no dimensions)")
+_NO_TEXT_FORMAT = Refusal("response_format", _not_text, "has response_format on chat only")
 _NO_STREAM_USAGE = Refusal(
     "stream_options", _asks_usage, "sends no usage in streams (stream_options.include_usage)"
 )
@@ -134,10 +151,12 @@ _OPENAI_COMMON = {
 ROUTES: dict[str, dict[str, EngineRoute]] = {
     "llamacpp": {
         "/v1/completions": EngineRoute(
-            "/v1/completions", True, (_ONE_CHOICE, _NO_BEST_OF, _ONE_PROMPT, _NO_STREAM_USAGE)
+            "/v1/completions",
+            True,
+            (_ONE_CHOICE, _NO_BEST_OF, _ONE_PROMPT, _NO_STREAM_USAGE, _NO_TEXT_FORMAT),
         ),
         "/v1/chat/completions": EngineRoute("/v1/chat/completions", True, (_ONE_CHOICE, _NO_STREAM_USAGE)),
-        "/v1/embeddings": EngineRoute("/v1/embeddings"),
+        "/v1/embeddings": EngineRoute("/v1/embeddings", refusals=(_NO_DIMENSIONS,), lacks_base64=True),
         "/v1/tokenize": EngineRoute("/extras/tokenize"),
         "/v1/detokenize": EngineRoute("/extras/detokenize"),
     },
@@ -148,6 +167,8 @@ ROUTES: dict[str, dict[str, EngineRoute]] = {
     },
     "sglang": {
         **_OPENAI_COMMON,
+        # serving_embedding.py builds every answer of floats and reads no `dimensions`
+        "/v1/embeddings": EngineRoute("/v1/embeddings", refusals=(_SGLANG_NO_DIMENSIONS,), lacks_base64=True),
         "/v1/tokenize": EngineRoute("/v1/tokenize"),
         "/v1/detokenize": EngineRoute("/v1/detokenize"),
     },

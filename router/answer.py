@@ -14,8 +14,10 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import re
+import struct
 import zlib
 from dataclasses import dataclass
 from typing import Any
@@ -163,3 +165,14 @@ class Rename:
 
     def apply(self, data: bytes) -> bytes:
         return self.pattern.sub(self.replacement, data)
+
+
+def embeddings_as_base64(data: bytes) -> bytes:
+    """An embeddings answer with each vector of floats given as base64 of little-endian
+    float32s, as OpenAI sends it for `encoding_format: base64`."""
+    doc = orjson.loads(data)
+    for item in doc.get("data") or []:
+        vector = item.get("embedding") if isinstance(item, dict) else None
+        if isinstance(vector, list):
+            item["embedding"] = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+    return orjson.dumps(doc)

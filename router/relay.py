@@ -27,6 +27,7 @@ from router.answer import (
     NO_BODY,
     Decoder,
     Rename,
+    embeddings_as_base64,
     engine_error,
     forwarded_headers,
     usage_total,
@@ -44,6 +45,7 @@ class Relay:
     """Sends the engine's answer to the client, and keeps what metrics and metering need."""
 
     collecting = False  # a stream read whole to send one document (router/collect.py)
+    base64 = False  # encode an embeddings answer's vectors as base64 (answer.embeddings_as_base64)
 
     def __init__(
         self,
@@ -79,6 +81,8 @@ class Relay:
             data = Decoder(encoding, self.max_body).feed(data)
         if resp.status >= 400:
             raise engine_error(resp.status, data)
+        if self.base64:
+            data = embeddings_as_base64(data)
         if self.count_usage:
             self.usage_tokens = usage_total(data)
         if self.rename is not None:

@@ -34,9 +34,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -378,10 +380,13 @@ class FakeEngine:
         except proto.Refused as exc:
             return self._refused(exc)
         items = req.input if isinstance(req.input, list) else [req.input]
-        data = [
+        data: list[dict[str, Any]] = [
             {"object": "embedding", "index": i, "embedding": [float(len(str(x)) % 7), 0.5, -0.25, 1.0]}
             for i, x in enumerate(items)
         ]
+        if self.args.dialect == "vllm" and req.encoding_format == "base64":
+            for item in data:
+                item["embedding"] = base64.b64encode(struct.pack("<4f", *item["embedding"])).decode()
         return web.json_response(
             {
                 "object": "list",

@@ -77,6 +77,7 @@ class Responses(_Lenient):
 class Embedding(_Lenient):
     model: str | None = None
     input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: str = "float"  # vLLM answers base64 when asked; SGLang, llama.cpp ignore it
 
 
 class Rerank(_Lenient):

@@ -3,7 +3,9 @@ engine speaking each engine's dialect: /v1/responses, tokenize/detokenize, adapt
 
 from __future__ import annotations
 
+import base64
 import json
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -94,3 +96,21 @@ def test_a_keys_max_tokens_holds_on_responses(daemon_for: Any, tmp_path: Path) -
         assert over.status_code == 400 and over.json()["error"]["code"] == "LIMIT_EXCEEDED"
         unbounded = c.post("/v1/responses", json={"model": "vl", "input": "x"})
         assert unbounded.json()["usage"]["output_tokens"] == 5
+
+
+def test_base64_embeddings_hold_whichever_engine_answers(daemon_for: Any) -> None:
+    """vLLM encodes base64 itself; SGLang and llama.cpp answer floats, which the daemon encodes."""
+    doc = registry_doc(
+        fake_model("sg-emb", backend="sglang", type="embedding"),
+        fake_model("vl-emb", backend="vllm", type="embedding"),
+        fake_model("ll-emb", backend="llamacpp", type="embedding"),
+    )
+    d: Daemon = daemon_for(doc)
+    d.start()
+    with d.client() as c:
+        for model in ("sg-emb", "vl-emb", "ll-emb"):
+            body = {"model": model, "input": ["abc"], "encoding_format": "base64"}
+            encoded = c.post("/v1/embeddings", json=body).json()["data"][0]["embedding"]
+            assert struct.unpack("<4f", base64.b64decode(encoded)) == (3.0, 0.5, -0.25, 1.0), model
+            floats = c.post("/v1/embeddings", json={"model": model, "input": ["abc"]}).json()
+            assert floats["data"][0]["embedding"] == [3.0, 0.5, -0.25, 1.0]

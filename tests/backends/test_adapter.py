@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import base64
+import json
+import struct
 from typing import Any
 
 import pytest
 
 from api.compute import OUTPUT_LIMITS, adapt, apply_defaults, enforce
 from backends.capabilities import ROUTES
+from router.answer import embeddings_as_base64
 from router.errors import LimitExceeded, ParameterNotSupported
 
 CHAT, TEXT = "/v1/chat/completions", "/v1/completions"
@@ -53,6 +57,8 @@ def test_engines_that_read_max_completion_tokens_get_it_unchanged() -> None:
         (TEXT, {"best_of": 2}, "best_of"),
         (TEXT, {"prompt": ["one", "two"]}, "prompt"),
         (CHAT, {"stream": True, "stream_options": {"include_usage": True}}, "stream_options"),
+        (TEXT, {"response_format": {"type": "json_object"}}, "response_format"),
+        ("/v1/embeddings", {"input": "x", "dimensions": 64}, "dimensions"),
     ],
 )
 def test_what_llama_cpp_would_silently_ignore_is_refused(
@@ -71,10 +77,21 @@ def test_what_llama_cpp_would_silently_ignore_is_refused(
         {"prompt": ["one"]},
         {"prompt": [1, 2, 3]},
         {"stream_options": {"include_usage": False}},
+        {"response_format": {"type": "text"}},
     ],
 )
 def test_what_llama_cpp_honours_passes(payload: dict[str, Any]) -> None:
     adapt("llamacpp", ROUTES["llamacpp"][TEXT], dict(payload))
+    adapt("llamacpp", ROUTES["llamacpp"][CHAT], {"response_format": {"type": "json_object"}})
+
+
+def test_base64_embeddings_are_encoded_by_the_daemon_for_llama_cpp() -> None:
+    floats = [0.5, -1.25, 3.0]
+    answer = json.dumps({"object": "list", "data": [{"index": 0, "embedding": floats}]}).encode()
+    encoded = json.loads(embeddings_as_base64(answer))["data"][0]["embedding"]
+    assert list(struct.unpack("<3f", base64.b64decode(encoded))) == floats
+    assert ROUTES["llamacpp"]["/v1/embeddings"].lacks_base64
+    assert not ROUTES["vllm"]["/v1/embeddings"].lacks_base64
 
 
 def test_routes_each_engine_serves() -> None:

@@ -103,18 +103,25 @@ def test_openai_sdk_retry_honours_retry_after(daemon: Daemon) -> None:
 
 def test_langchain_chat_llm_and_embeddings(daemon: Daemon) -> None:
     url = daemon.url + "/v1"
-    chat = ChatOpenAI(model=MODEL, base_url=url, api_key=KEY, max_tokens=5, max_retries=0)
-    message = chat.invoke("Say hello.")
-    assert message.usage_metadata is not None and 0 < message.usage_metadata["output_tokens"] <= 5
-    llm = OpenAI(model=MODEL, base_url=url, api_key=KEY, max_tokens=5, max_retries=0)
-    assert isinstance(llm.invoke("The capital of France is"), str)
-    pieces = list(llm.stream("One, two, three,"))
-    assert 0 < len([p for p in pieces if p]) <= 5
-    # check_embedding_ctx_length=False: otherwise tiktoken downloads OpenAI's encodings
-    embeddings = OpenAIEmbeddings(
-        model=EMBED, openai_api_base=url, openai_api_key=KEY, check_embedding_ctx_length=False
-    )
-    vectors = embeddings.embed_documents(["hello world", "goodbye"])
+    with httpx.Client(timeout=120) as http:  # LangChain never closes the clients it makes itself
+        chat = ChatOpenAI(
+            model=MODEL, base_url=url, api_key=KEY, max_tokens=5, max_retries=0, http_client=http
+        )
+        message = chat.invoke("Say hello.")
+        assert message.usage_metadata is not None and 0 < message.usage_metadata["output_tokens"] <= 5
+        llm = OpenAI(model=MODEL, base_url=url, api_key=KEY, max_tokens=5, max_retries=0, http_client=http)
+        assert isinstance(llm.invoke("The capital of France is"), str)
+        pieces = list(llm.stream("One, two, three,"))
+        assert 0 < len([p for p in pieces if p]) <= 5
+        # check_embedding_ctx_length=False: otherwise tiktoken downloads OpenAI's encodings
+        embeddings = OpenAIEmbeddings(
+            model=EMBED,
+            openai_api_base=url,
+            openai_api_key=KEY,
+            check_embedding_ctx_length=False,
+            http_client=http,
+        )
+        vectors = embeddings.embed_documents(["hello world", "goodbye"])
     assert len(vectors) == 2 and all(len(v) == 640 for v in vectors) and vectors[0] != vectors[1]
 
 

@@ -3,6 +3,8 @@ shipped Gemma 3 270M: what each engine understands (issue 12)."""
 
 from __future__ import annotations
 
+import base64
+import struct
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +21,7 @@ from config.settings import DEFAULT_MODELS_CONFIG
 from tests.helpers import Daemon
 
 pytestmark = pytest.mark.slow
-MODEL = "gemma-3-270m"
+MODEL, EMBED = "gemma-3-270m", "gemma-3-270m-embed"
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +31,8 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     d.start()
     try:
         with d.client(timeout=120) as c:  # started here, so that no test counts it as its own child
-            assert c.post(f"/v1/admin/models/{MODEL}/start").status_code == 200
+            for model in (MODEL, EMBED):
+                assert c.post(f"/v1/admin/models/{model}/start").status_code == 200
         yield d
     finally:
         d.stop()
@@ -65,8 +68,12 @@ def test_max_completion_tokens_bounds_llama_cpp(client: openai.OpenAI) -> None:
 
 def test_langchain_chat_openai_max_tokens_bounds_its_stream(daemon: Daemon) -> None:
     """ChatOpenAI sends max_tokens as max_completion_tokens: this streamed thousands of tokens."""
-    llm = ChatOpenAI(model=MODEL, base_url=daemon.url + "/v1", api_key="unused", max_tokens=8, max_retries=0)
-    pieces = [chunk.content for chunk in llm.stream("Write a long story about a cat.")]
+    with httpx.Client(timeout=120) as http:  # LangChain never closes the clients it makes itself
+        url = daemon.url + "/v1"
+        llm = ChatOpenAI(
+            model=MODEL, base_url=url, api_key="unused", max_tokens=8, max_retries=0, http_client=http
+        )
+        pieces = [chunk.content for chunk in llm.stream("Write a long story about a cat.")]
     assert 0 < sum(1 for p in pieces if p) <= 8
 
 
@@ -163,3 +170,20 @@ def test_requests_a_stream_cannot_rebuild_go_to_the_engine_as_they_are(daemon: D
         body = {"model": MODEL, "prompt": "Hello", "max_tokens": 3, "logprobs": 2, "temperature": 0}
         doc = c.post("/v1/completions", json=body).json()
     assert len(doc["choices"][0]["logprobs"]["tokens"]) == 3
+
+
+def test_base64_embeddings_are_encoded_for_llama_cpp(daemon: Daemon) -> None:
+    """llama.cpp answers floats whatever `encoding_format` says (and the openai SDK asks for
+    base64 by default): the daemon encodes them, as OpenAI would."""
+    with daemon.client(timeout=60) as c:
+        body = {"model": EMBED, "input": ["hello world"]}
+        floats = c.post("/v1/embeddings", json=body).json()["data"][0]["embedding"]
+        encoded = c.post("/v1/embeddings", json={**body, "encoding_format": "base64"}).json()["data"][0][
+            "embedding"
+        ]
+        refused = c.post("/v1/embeddings", json={**body, "dimensions": 64})
+    assert isinstance(encoded, str)
+    assert list(struct.unpack(f"<{len(floats)}f", base64.b64decode(encoded))) == pytest.approx(
+        floats, rel=1e-6
+    )
+    assert refused.status_code == 400 and refused.json()["error"]["code"] == "PARAMETER_NOT_SUPPORTED"
