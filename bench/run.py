@@ -141,6 +141,9 @@ def measure_llamacpp(args: argparse.Namespace, work: Path, procs: list[Proc], ra
         row = scenarios.engine_alone(spec, files, False)
         row.update(scenarios.cold_start(daemon, "gemma-3-270m"))
         raw["cold"]["llama.cpp Gemma 3 270M"].append(row)
+    raw["collect"] = {
+        str(tokens): scenarios.collected_documents(daemon, "gemma-3-270m", 8, tokens) for tokens in (8, 64)
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -185,3 +185,27 @@ def shipped_spec(name: str) -> ModelSpec:
     from config.settings import DEFAULT_MODELS_CONFIG
 
     return load_registry(Path(DEFAULT_MODELS_CONFIG)).models[name]
+
+
+def collected_documents(daemon: Proc, model: str, rounds: int, tokens: int) -> dict[str, float]:
+    """A non-streaming llama.cpp completion through the daemon (which reads it as a stream and
+    asks the prompt's size: router/collect.py) against the same request to the engine itself,
+    alternating, at temperature 0. Medians in ms."""
+    with httpx.Client(base_url=daemon.url, timeout=120) as c:
+        row = next(m for m in c.get("/v1/status").json()["models"] if m["name"] == model)
+    key = psutil.Process(row["pid"]).environ().get("API_KEY")
+    auth = {"Authorization": f"Bearer {key}"} if key else {}
+    body = {"model": model, "prompt": "The history of the city of Paris begins", "max_tokens": tokens,
+            "temperature": 0}  # fmt: skip
+    times: dict[str, list[float]] = {"daemon": [], "engine": []}
+    with (
+        httpx.Client(base_url=daemon.url, timeout=120) as via,
+        httpx.Client(base_url=f"http://127.0.0.1:{row['port']}", headers=auth, timeout=120) as direct,
+    ):
+        for i in range(rounds):
+            order = (("daemon", via), ("engine", direct)) if i % 2 else (("engine", direct), ("daemon", via))
+            for name, client in order:
+                t0 = time.perf_counter()
+                client.post("/v1/completions", json=body).raise_for_status()
+                times[name].append((time.perf_counter() - t0) * 1000)
+    return {f"{name}_ms": percentile(values, 50) for name, values in times.items()}

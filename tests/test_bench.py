@@ -70,3 +70,14 @@ def test_quick_benchmark_run_writes_its_reports(tmp_path: Path) -> None:
     assert {"direct", "daemon"} <= set(results["summary"]["nonstream"])
     assert (tmp_path / "results.png").stat().st_size > 10_000
     assert "| daemon |" in (tmp_path / "results.md").read_text()
+
+
+def test_the_llama_cpp_collection_cost_is_judged_against_the_engine_alone() -> None:
+    raw = _raw(daemon_rps=6100, daemon_ttft=110)
+    raw["collect"] = {
+        "8": {"daemon_ms": 370.0, "engine_ms": 305.0},
+        "64": {"daemon_ms": 2700.0, "engine_ms": 2500.0},
+    }
+    met = {t: ok for t, _, ok in check_targets(summarize(raw))}
+    rows = [t for t in met if t.startswith("llama.cpp non-streaming")]
+    assert [met[t] for t in rows] == [True, False] and "8 tokens" in rows[0]
