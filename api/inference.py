@@ -59,6 +59,7 @@ from router.proxy import Upstream
 from router.relay import Relay
 from router.ticker import Ticker
 
+log = logging.getLogger(__name__)
 Scope = MutableMapping[str, Any]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
@@ -308,18 +309,24 @@ class InferenceEndpoint:
         probe = {**call.payload, "stream": False, "max_tokens": 1}
         probe.pop("max_completion_tokens", None)
         capture = Capture(call.send, [], None, max_body=self.max_body)
-        await self.upstream.forward(
-            capture,
-            base_url=base_url,
-            path=call.engine_path,
-            api_key=engine.api_key or "",
-            keep_alive=engine.keep_alive,
-            request_id=call.request_id,
-            body=orjson.dumps(probe),
-            timeouts=engine.timeouts,
-        )
-        usage = orjson.loads(capture.data).get("usage") or {}
-        return int(usage.get("prompt_tokens") or 0)
+        try:
+            await self.upstream.forward(
+                capture,
+                base_url=base_url,
+                path=call.engine_path,
+                api_key=engine.api_key or "",
+                keep_alive=engine.keep_alive,
+                request_id=call.request_id,
+                body=orjson.dumps(probe),
+                timeouts=engine.timeouts,
+            )
+            return int(orjson.loads(capture.data)["usage"]["prompt_tokens"])
+        except (RouterError, orjson.JSONDecodeError, LookupError, TypeError, ValueError) as exc:
+            # The answer itself is whole: it is sent, with the prompt's size estimated.
+            log.warning(
+                "the engine did not say the prompt's size (%s); usage.prompt_tokens is estimated", exc
+            )
+            return prompt_tokens_estimate(call.payload)
 
     def _max_tokens(self, call: Call) -> int | None:
         return max_tokens_asked(call.payload, self.token_fields)

@@ -114,3 +114,20 @@ def test_base64_embeddings_hold_whichever_engine_answers(daemon_for: Any) -> Non
             assert struct.unpack("<4f", base64.b64decode(encoded)) == (3.0, 0.5, -0.25, 1.0), model
             floats = c.post("/v1/embeddings", json={"model": model, "input": ["abc"]}).json()
             assert floats["data"][0]["embedding"] == [3.0, 0.5, -0.25, 1.0]
+
+
+def test_a_llama_cpp_answer_is_read_as_a_stream_and_survives_a_failed_size_question(daemon_for: Any) -> None:
+    """The daemon asks llama.cpp for a stream and then, for the prompt's size, the same request
+    with max_tokens 1 (not streamed). An engine that dies on that question costs the client
+    nothing: the answer is whole, its prompt size estimated."""
+    model = fake_model("ll", backend="llamacpp", env={"FAKE_CRASH_ON": '"stream":false'})
+    d: Daemon = daemon_for(registry_doc(model))
+    d.start()
+    with d.client() as c:
+        resp = c.post(
+            "/v1/completions", json={"model": "ll", "prompt": "four words of prompt", "max_tokens": 3}
+        )
+    assert resp.status_code == 200, resp.text
+    doc = resp.json()
+    assert doc["choices"][0]["text"] == "tok0 tok1 tok2 " and doc["choices"][0]["finish_reason"] == "length"
+    assert doc["usage"] == {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}  # 20 bytes / 4
