@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -29,7 +30,13 @@ from bench.load import wrk_available
 from bench.procs import ROOT, Proc, engine_url, start_daemon
 from bench.scenarios import Target
 
-FAST = {"name": "fast", "backend": "sglang", "model_path": "org/fast"}
+FAST: dict[str, Any] = {"name": "fast", "backend": "sglang", "model_path": "org/fast"}
+STREAM: dict[str, Any] = {
+    "name": "stream",
+    "backend": "sglang",
+    "model_path": "org/stream",
+    "env": {"FAKE_TOKEN_DELAY": "0.01"},
+}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -37,6 +44,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--base", default="HEAD~1", help="the commit to compare this tree against")
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--duration", type=float, default=4.0, help="seconds per cell")
+    p.add_argument("--streams", type=int, default=0, help="also N concurrent streams of 64 tokens: TTFT p50")
     p.add_argument(
         "--instructions",
         type=int,
@@ -67,15 +75,18 @@ def main(argv: list[str] | None = None) -> int:
         try:
             sides = {}
             for name, root in (("base", base_tree), ("new", ROOT)):
-                daemon = start_daemon(work / name, [FAST], root=root, OFFLOAD_QUEUE_THRESHOLD="1000000")
+                models = [FAST, STREAM] if args.streams else [FAST]
+                daemon = start_daemon(work / name, models, root=root, OFFLOAD_QUEUE_THRESHOLD="1000000")
                 procs.append(daemon)
-                scenarios.touch(*engine_url(daemon, "fast"))  # see bench/run.py: an engine's first client
+                for model in models:  # see bench/run.py: an engine's first client
+                    scenarios.touch(*engine_url(daemon, str(model["name"])))
                 sides[name] = Target(name, daemon.url, "fast")
             for target in sides.values():
                 scenarios.rate(target, 32, 1.0)  # warm-up
             cells: dict[str, dict[int, list[float]]] = {n: {32: [], 1: []} for n in sides}
             p50: dict[str, list[float]] = {n: [] for n in sides}
             cpu: dict[str, list[float]] = {n: [] for n in sides}
+            ttft: dict[str, list[float]] = {n: [] for n in sides}
             pids = {p.url: psutil.Process(p.popen.pid) for p in procs}
             for round_no in range(args.rounds):
                 print(f"round {round_no + 1}/{args.rounds}", file=sys.stderr)
@@ -91,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
                             p50[name].append(cell.p50_ms)
                         else:
                             cpu[name].append(used / (cell.rps * args.duration) * 1e6)
+                    for _ in range(3 if args.streams else 0):  # a burst's TTFT swings: take several
+                        stream = Target(name, target.base_url, "stream")
+                        ttft[name].append(scenarios.streaming(stream, args.streams, 64)["ttft_p50_ms"])
             for proc in procs:
                 proc.stop()
             if args.instructions and instructions.available():
@@ -108,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         "p50 ms, 1 conn": {n: statistics.median(p50[n]) for n in sides},
         "daemon CPU us/req": {n: statistics.median(cpu[n]) for n in sides},
     }
+    if args.streams:
+        rows[f"TTFT p50 ms, {args.streams} streams"] = {n: statistics.median(ttft[n]) for n in sides}
     if count:
         rows["instructions/req"] = count
     for label, value in rows.items():

@@ -192,6 +192,7 @@ def collected_documents(daemon: Proc, model: str, rounds: int, tokens: int) -> d
     asks the prompt's size: router/collect.py) against the same request to the engine itself,
     alternating, at temperature 0. Medians in ms."""
     with httpx.Client(base_url=daemon.url, timeout=120) as c:
+        c.post(f"/v1/admin/models/{model}/start").raise_for_status()
         row = next(m for m in c.get("/v1/status").json()["models"] if m["name"] == model)
     key = psutil.Process(row["pid"]).environ().get("API_KEY")
     auth = {"Authorization": f"Bearer {key}"} if key else {}
