@@ -18,34 +18,29 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import MutableMapping
 from typing import Any
 
 import orjson
 
-from api.auth import OPEN, Admission, KeyState
+from api.auth import KeyState
 from api.body import Receive, parse_payload, read_body
+from api.call import Call, Send, engine_body, fit
 from api.compute import (
     OUTPUT_LIMITS,
-    Limits,
-    adapt,
-    apply_defaults,
-    enforce,
     max_tokens_asked,
     prompt_tokens_estimate,
-    truthy,
 )
 from api.context import AppContext
 from api.disconnect import DisconnectGuard
 from api.errors import send_error
-from api.metrics import UNKNOWN_MODEL
 from api.request_log import REQUEST_ID, access_log, request_id_from
-from backends.capabilities import CANNOT_CANCEL_DOCUMENTS, ENGINE_NAMES, ROUTES
+from backends.capabilities import ROUTES
 from config.models import ModelSpec
 from lifecycle.engine import Engine, Lease
 from lifecycle.state import EngineError, EngineQueueFull
 from router.answer import Rename
-from router.collect import Capture, Collector, collectable
+from router.collect import Capture, Collector
 from router.errors import (
     BackendConnectFailed,
     EndpointNotSupported,
@@ -61,7 +56,6 @@ from router.ticker import Ticker
 
 log = logging.getLogger(__name__)
 Scope = MutableMapping[str, Any]
-Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 # Proxied path -> the model types that serve it.
 INFERENCE_PATHS: dict[str, frozenset[str]] = {
@@ -75,30 +69,6 @@ INFERENCE_PATHS: dict[str, frozenset[str]] = {
     "/v1/detokenize": frozenset({"llm", "embedding"}),
 }
 GENERATION_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})  # stream_options apply
-
-
-class Call:
-    """One request, from its first byte to its access-log line."""
-
-    __slots__ = ("admission", "backend", "base64", "body", "engine_path", "id_header", "metered", "model",
-                 "payload", "relay", "request_id", "requested", "rewritten", "send", "t0")  # fmt: skip
-
-    def __init__(self, send: Send, request_id: str, t0: float) -> None:
-        self.send = send
-        self.request_id = request_id
-        self.t0 = t0
-        self.id_header = [(b"x-request-id", request_id.encode())]
-        self.model = UNKNOWN_MODEL  # the registry name asked for (metrics label)
-        self.backend = ""
-        self.requested = ""
-        self.payload: dict[str, Any] = {}
-        self.body = b""
-        self.rewritten = False  # the payload changed: the body must be serialised again
-        self.admission: Admission = OPEN
-        self.metered = False  # the key is charged tokens
-        self.relay: Relay | None = None
-        self.engine_path = ""  # the path the chosen engine serves the route at
-        self.base64 = False  # the client asked for base64 embeddings, which the engine lacks
 
 
 class InferenceEndpoint:
@@ -148,32 +118,12 @@ class InferenceEndpoint:
             call.metered = call.admission.counts_tokens
         try:
             engine = self._select(spec)
-            self._fit(call, engine, auth.global_limits if key is None else key.limits)
+            limits = auth.global_limits if key is None else key.limits
+            fit(call, engine, self.routes.get(engine.spec.backend), self.path, limits, self.token_fields)
         except RouterError:
             call.admission.refund()  # no engine saw it: it costs the key nothing
             raise
         return engine, engine.acquire()  # same event-loop step as the decision
-
-    def _fit(self, call: Call, engine: Engine, limits: Limits) -> None:
-        """Fit the request to the engine chosen: its model's defaults, the limits, and what
-        the engine understands (backends/capabilities.py)."""
-        backend = engine.spec.backend
-        route = self.routes.get(backend)
-        if route is None:
-            raise EndpointNotSupported(
-                f"{ENGINE_NAMES[backend]} (model '{engine.name}') does not serve {self.path}"
-            )
-        payload = call.payload
-        if engine.spec.defaults:
-            call.rewritten |= apply_defaults(engine.spec.defaults, payload, self.token_fields, limits)
-        if limits:
-            call.rewritten |= enforce(limits, payload, self.token_fields)
-        if route.adapts:
-            call.rewritten |= adapt(backend, route, payload)
-            if route.lacks_base64 and payload.get("encoding_format") == "base64":
-                del payload["encoding_format"]  # the engine answers floats: encoded on the way back
-                call.rewritten = call.base64 = True
-        call.engine_path = route.path
 
     async def _serve(self, call: Call, engine: Engine, receive: Receive) -> None:
         guard = DisconnectGuard(receive, self.ticker)
@@ -258,7 +208,7 @@ class InferenceEndpoint:
 
     async def _forward(self, call: Call, engine: Engine) -> None:
         base_url = await self._ready(engine)
-        body, hide_usage, collect = self._engine_body(call, engine)
+        body, hide_usage, collect = engine_body(call, engine, self.generates)
         served = engine.spec.served_name
         extra = [(b"x-served-model", engine.name.encode()), *call.id_header]
         rename = self._rename(served, call.requested)
@@ -281,26 +231,6 @@ class InferenceEndpoint:
             await self._send(call, engine, base_url, body)
         if isinstance(relay, Collector):
             await relay.finish(await self._prompt_tokens(call, engine, base_url), self._max_tokens(call))
-
-    def _engine_body(self, call: Call, engine: Engine) -> tuple[bytes, bool, bool]:
-        """The body the engine gets; whether the daemon asked it for stream usage itself; and
-        whether it asked for a stream to build the client's document from (router/collect.py)."""
-        payload, changed, hide_usage, collect = call.payload, call.rewritten, False, False
-        served = engine.spec.served_name
-        if served != call.requested:
-            payload["model"] = served
-            changed = True
-        streams = truthy(payload.get("stream"))
-        if call.metered and self.generates and engine.backend.stream_usage and streams:
-            options = payload.get("stream_options")
-            if options is None or (isinstance(options, dict) and not truthy(options.get("include_usage"))):
-                payload["stream_options"] = {**(options or {}), "include_usage": True}
-                changed = hide_usage = True
-        elif self.generates and not streams and engine.spec.backend in CANNOT_CANCEL_DOCUMENTS:
-            collect = collectable(payload)
-            if collect:
-                payload["stream"] = changed = True
-        return (orjson.dumps(payload) if changed else call.body), hide_usage, collect
 
     async def _prompt_tokens(self, call: Call, engine: Engine, base_url: str) -> int:
         """The prompt's size in tokens, which a llama.cpp stream does not say: the same request
