@@ -12,7 +12,7 @@ import orjson
 from api.auth import OPEN, Admission
 from api.compute import Limits, adapt, apply_defaults, enforce, truthy
 from api.metrics import UNKNOWN_MODEL
-from backends.capabilities import CANNOT_CANCEL_DOCUMENTS, ENGINE_NAMES, EngineRoute
+from backends.capabilities import CANNOT_CANCEL_DOCUMENTS, ENGINE_NAMES, STREAM_USAGE, EngineRoute
 from lifecycle.engine import Engine
 from router.collect import collectable
 from router.errors import EndpointNotSupported
@@ -77,7 +77,7 @@ def engine_body(call: Call, engine: Engine, generates: bool) -> tuple[bytes, boo
         payload["model"] = served
         changed = True
     streams = truthy(payload.get("stream"))
-    if call.metered and generates and engine.backend.stream_usage and streams:
+    if call.metered and generates and engine.spec.backend in STREAM_USAGE and streams:
         options = payload.get("stream_options")
         if options is None or (isinstance(options, dict) and not truthy(options.get("include_usage"))):
             payload["stream_options"] = {**(options or {}), "include_usage": True}

@@ -57,9 +57,6 @@ class Backend(Protocol):
     readiness_path: str
     # Polled by the health monitor while READY.
     liveness_path: str
-    # Sends a last usage event in a stream when asked with
-    # `stream_options: {"include_usage": true}` (the daemon asks, to meter keys).
-    stream_usage: bool
 
     def launch(self, spec: ModelSpec, ctx: LaunchContext) -> LaunchSpec: ...
 

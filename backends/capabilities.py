@@ -174,6 +174,12 @@ ROUTES: dict[str, dict[str, EngineRoute]] = {
     },
 }
 
+# Engines that send a last usage event in a stream when asked with `stream_options:
+# {"include_usage": true}` (the daemon asks, to meter keys): a usage-only chunk
+# ("choices": []) from vLLM's chat_completion/serving.py and SGLang's openai/serving_chat.py.
+# llama-cpp-python 0.3.36 has no stream_options and no usage in streams.
+STREAM_USAGE = frozenset({"sglang", "vllm"})
+
 # Engines that finish a non-streaming generation whatever becomes of its connection
 # (llama-cpp-python runs it in a thread it never interrupts); the daemon streams from
 # them instead, so that a client that leaves stops the generation.

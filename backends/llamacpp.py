@@ -15,8 +15,6 @@ class LlamaCppBackend:
     # No /health route, and the model loads before the port opens, so any
     # answer means ready; /openapi.json takes no lock (a generation holds one).
     readiness_path = "/openapi.json"
-    # llama-cpp-python 0.3.36 has no stream_options and no usage in streams.
-    stream_usage = False
     liveness_path = "/openapi.json"
 
     def launch(self, spec: ModelSpec, ctx: LaunchContext) -> LaunchSpec:

@@ -14,8 +14,6 @@ class SGLangBackend:
     name = "sglang"
     # /health runs a one-token generation and answers 503 until warm-up ends.
     readiness_path = "/health"
-    # openai/serving_chat.py: a usage-only chunk ("choices": []) when stream_options.include_usage.
-    stream_usage = True
     liveness_path = "/health"
 
     def launch(self, spec: ModelSpec, ctx: LaunchContext) -> LaunchSpec:

@@ -16,8 +16,6 @@ class VLLMBackend:
     name = "vllm"
     # /health answers 200 once the model is loaded, 503 only if the engine died.
     readiness_path = "/health"
-    # chat_completion/serving.py: a usage-only chunk ("choices": []) when stream_options.include_usage.
-    stream_usage = True
     liveness_path = "/health"
 
     def launch(self, spec: ModelSpec, ctx: LaunchContext) -> LaunchSpec:

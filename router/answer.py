@@ -9,7 +9,8 @@
   `detail`, plain text) becomes the daemon's one error shape (BackendError),
   keeping the engine's message.
 - Usage and the `model` name are found with byte searches, never by parsing a
-  whole document (an answer may be tens of megabytes of embeddings).
+  whole document (an answer may be tens of megabytes of embeddings); the one
+  parse is for base64 embeddings an engine cannot encode itself.
 """
 
 from __future__ import annotations

@@ -25,10 +25,9 @@ from typing import Any
 
 import orjson
 
-from router.answer import engine_error, usage_total
 from router.engine_client import EngineResponse
 from router.errors import BackendUnavailable
-from router.relay import MAX_LINE, Relay
+from router.relay import MAX_LINE, Relay, body_chunks
 
 # Fields with which the stream does not carry all of the non-streaming answer.
 NOT_COLLECTABLE = ("logprobs", "top_logprobs", "echo", "tools", "functions", "function_call", "tool_choice")
@@ -107,7 +106,7 @@ class Collector(Relay):
         self.status = resp.status
         builder = self.builder
         rest = b""
-        async for piece in resp.chunks():
+        async for piece in body_chunks(resp, self.max_body):
             lines = (rest + piece).split(b"\n")
             rest = lines.pop()
             if len(rest) > MAX_LINE:
@@ -122,16 +121,7 @@ class Collector(Relay):
     async def finish(self, prompt_tokens: int, max_tokens: int | None) -> None:
         """Send the document built, with the prompt's size the engine gave."""
         data = self.builder.document(prompt_tokens, max_tokens)
-        if self.count_usage:
-            self.usage_tokens = usage_total(data)
-        if self.rename is not None:
-            data = self.rename.apply(data)
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
-        headers += self.extra
-        self.started = True
-        await self.send({"type": "http.response.start", "status": self.status, "headers": headers})
-        await self.send({"type": "http.response.body", "body": data})
-        self.complete = True
+        await self.deliver(self.status, [(b"content-type", b"application/json")], data)
 
 
 class Capture(Relay):
@@ -139,9 +129,5 @@ class Capture(Relay):
 
     data = b""
 
-    async def document(self, resp: EngineResponse) -> None:
-        self.doing = "asking the engine for the prompt's size"
-        data = await resp.read(self.max_body)
-        if resp.status >= 400:
-            raise engine_error(resp.status, data)
-        self.data, self.status, self.complete = data, resp.status, True
+    async def deliver(self, status: int, headers: list[tuple[bytes, bytes]], data: bytes) -> None:
+        self.data, self.status, self.complete = data, status, True

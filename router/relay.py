@@ -83,18 +83,22 @@ class Relay:
             raise engine_error(resp.status, data)
         if self.base64:
             data = embeddings_as_base64(data)
+        await self.deliver(resp.status, headers, data)
+
+    async def deliver(self, status: int, headers: list[tuple[bytes, bytes]], data: bytes) -> None:
+        """Send one whole answer: its usage read, its model renamed, the daemon's headers added."""
         if self.count_usage:
             self.usage_tokens = usage_total(data)
         if self.rename is not None:
             data = self.rename.apply(data)
-        headers += self.extra
-        if resp.status in NO_BODY:
+        headers = [*headers, *self.extra]
+        if status in NO_BODY:
             data = b""
         else:
             headers.append((b"content-length", str(len(data)).encode()))
         self.started = True
-        self.status = resp.status
-        await self.send({"type": "http.response.start", "status": resp.status, "headers": headers})
+        self.status = status
+        await self.send({"type": "http.response.start", "status": status, "headers": headers})
         await self.send({"type": "http.response.body", "body": data})
         self.complete = True
 
@@ -172,6 +176,13 @@ def _json_object(data: bytes) -> dict[str, Any]:
     except orjson.JSONDecodeError:
         return {}
     return value if isinstance(value, dict) else {}
+
+
+def body_chunks(resp: EngineResponse, max_body: int) -> AsyncIterator[bytes]:
+    """The answer's body as it comes, decoded if the engine compressed it."""
+    _, encoding = forwarded_headers(resp.headers)
+    chunks = resp.chunks()
+    return _decoded(chunks, Decoder(encoding, max_body)) if encoding else chunks
 
 
 async def _decoded(chunks: AsyncIterator[bytes], decoder: Decoder) -> AsyncIterator[bytes]:
