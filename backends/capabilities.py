@@ -40,10 +40,15 @@ SUPPORTED_TYPES: dict[str, frozenset[str]] = {
 DEFAULT_DEVICE: dict[str, Device] = {"sglang": "gpu", "vllm": "gpu", "llamacpp": "cpu"}
 DEFAULT_FORMAT: dict[str, ModelFormat] = {"sglang": "hf", "vllm": "hf", "llamacpp": "gguf"}
 
-# Flags the daemon owns: a model's `args` may not set them.
+# The engines whose GPU memory the daemon budgets (a share of the card) and can put to sleep.
+GPU_BACKENDS = frozenset({"sglang", "vllm"})
+
+# Flags the daemon owns: a model's `args` may not set them. The memory share comes
+# from `gpu_memory`, sleep support from `on_idle: sleep`.
 MANAGED_FLAGS = frozenset(
-    {"--host", "--port", "--api-key", "--api_key", "--model", "--model-path", "--served-model-name"}
-)
+    {"--host", "--port", "--api-key", "--api_key", "--model", "--model-path", "--served-model-name",
+     "--mem-fraction-static", "--gpu-memory-utilization", "--enable-sleep-mode", "--enable-memory-saver"}
+)  # fmt: skip
 
 
 def format_problem(backend: str, fmt: str) -> str | None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from backends.capabilities import (
     DEFAULT_DEVICE,
     DEFAULT_FORMAT,
+    GPU_BACKENDS,
     MANAGED_FLAGS,
     SUPPORTED_DEVICES,
     SUPPORTED_TYPES,
@@ -86,6 +87,14 @@ class ModelSpec(BaseModel):
     # neither max_tokens nor max_completion_tokens).
     defaults: dict[str, Any] = Field(default_factory=dict)
     description: str | None = None  # what the model is, for people: logged at start-up
+    # GPU capacity (SGLang and vLLM only): the share of each of its GPUs' memory the
+    # engine may use (unset: the whole card), what an idle engine does, how long it
+    # may sleep before it stops too (unset: DEFAULT_SLEEP_TIMEOUT), and whether
+    # it may be evicted to make room for another model.
+    gpu_memory: float | None = Field(None, gt=0, le=1)
+    on_idle: Literal["stop", "sleep"] = "stop"
+    sleep_timeout: float | None = Field(None, ge=0)
+    pinned: bool = False
 
     @model_validator(mode="before")
     @classmethod
@@ -107,6 +116,16 @@ class ModelSpec(BaseModel):
         return value
 
     @property
+    def gpu_managed(self) -> bool:
+        """Its engine's GPU memory is budgeted and placed (SGLang and vLLM on a GPU)."""
+        return self.backend in GPU_BACKENDS and self.execution_mode == "gpu"
+
+    @property
+    def share(self) -> float:
+        """The share of each of its GPUs this engine holds while loaded (1.0: the whole card)."""
+        return self.gpu_memory if self.gpu_memory is not None else 1.0
+
+    @property
     def served_name(self) -> str:
         return self.served_model_name or self.name
 
@@ -126,11 +145,21 @@ class EngineOverride(BaseModel):
     env: dict[str, str] = Field(default_factory=dict)
 
 
+class GpuDeclaration(BaseModel):
+    """`gpus: [{id: 0, memory_gb: 80}]`: a GPU where NVML cannot see it, or a cap on one it sees."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: int = Field(ge=0)
+    memory_gb: float = Field(gt=0)
+
+
 class _RegistryFile(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     models: list[ModelSpec] = Field(default_factory=list)
     engines: dict[BackendName, EngineOverride] = Field(default_factory=dict)
+    gpus: list[GpuDeclaration] = Field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -141,6 +170,7 @@ class Registry:
     models: Mapping[str, ModelSpec]
     engines: Mapping[str, EngineOverride] = field(default_factory=dict)
     disabled: Mapping[str, str] = field(default_factory=dict)
+    gpus: tuple[GpuDeclaration, ...] = ()
 
     @property
     def names(self) -> list[str]:
@@ -169,7 +199,7 @@ def parse_registry(raw: object, source: Path) -> Registry:
         parsed = _RegistryFile.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(source, _describe_validation(exc, raw)) from exc
-    problems = _cross_check(parsed.models)
+    problems = _cross_check(parsed.models) + _gpu_list_problems(parsed.gpus)
     if problems:
         raise ConfigError(source, problems)
     disabled = {
@@ -180,6 +210,7 @@ def parse_registry(raw: object, source: Path) -> Registry:
         models={m.name: m for m in parsed.models},
         engines={str(k): v for k, v in parsed.engines.items()},
         disabled=disabled,
+        gpus=tuple(parsed.gpus),
     )
 
 
@@ -229,6 +260,48 @@ def _cross_check(models: Sequence[ModelSpec]) -> list[str]:
         if managed:
             problems.append(f"{label}: args: {', '.join(managed)} is set by the daemon")
         problems.extend(_offload_problems(label, m, by_name))
+        problems.extend(_gpu_field_problems(label, m))
+    return problems
+
+
+# Fields that place an engine on a GPU: only SGLang and vLLM take a memory share and sleep.
+GPU_FIELDS = ("gpu_memory", "on_idle", "sleep_timeout", "pinned")
+
+
+def _gpu_field_problems(label: str, m: ModelSpec) -> list[str]:
+    problems = []
+    managed = m.gpu_managed
+    for name in GPU_FIELDS:
+        if name not in m.model_fields_set or managed:
+            continue
+        if name == "on_idle" and m.on_idle == "stop":
+            continue
+        why = (
+            "llama.cpp has no sleep mode"
+            if m.backend == "llamacpp" and name == "on_idle"
+            else (
+                f"only GPU models on SGLang or vLLM take it (this one is {m.backend} on {m.execution_mode})"
+            )
+        )
+        problems.append(f"{label}: {name}: {why}")
+    if m.sleep_timeout is not None and m.on_idle != "sleep":
+        problems.append(f"{label}: sleep_timeout: applies only with on_idle: sleep")
+    if len(set(m.gpu_ids)) != len(m.gpu_ids):
+        problems.append(f"{label}: gpu_id: {list(m.gpu_ids)} names a GPU twice")
+    if any(i < 0 for i in m.gpu_ids):
+        problems.append(f"{label}: gpu_id: GPU ids are 0 or more, not {list(m.gpu_ids)}")
+    if managed and "CUDA_VISIBLE_DEVICES" in m.env:
+        problems.append(f"{label}: env: CUDA_VISIBLE_DEVICES is set by the daemon (use gpu_id)")
+    return problems
+
+
+def _gpu_list_problems(gpus: Sequence[GpuDeclaration]) -> list[str]:
+    seen: set[int] = set()
+    problems = []
+    for i, gpu in enumerate(gpus):
+        if gpu.id in seen:
+            problems.append(f"gpus[{i}]: id: GPU {gpu.id} is declared twice")
+        seen.add(gpu.id)
     return problems
 
 

@@ -81,6 +81,11 @@ class Settings(BaseSettings):
     # flight may run on before they are cut off and the engines stopped.
     shutdown_grace_period: float = Field(30.0, ge=0)
 
+    # GPU capacity: engines holding GPU memory at once (0 = no limit), and how long an
+    # engine with `on_idle: sleep` may sleep before its process stops too.
+    max_loaded_models: int = Field(0, ge=0)
+    default_sleep_timeout: float = Field(3600.0, ge=0)
+
     enable_cpu_offload: bool = True
     offload_queue_threshold: int = Field(3, ge=1)
 

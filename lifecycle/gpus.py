@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterable, Sequence
+
+from config.models import ConfigError, GpuDeclaration, ModelSpec, Registry
+from lifecycle.capacity import Gpu, never_fits
 
 
 def nvml_gpus() -> list[dict[str, float]]:
@@ -32,3 +36,79 @@ def nvml_gpus() -> list[dict[str, float]]:
 
 def nvml_gpu_count() -> int:
     return len(nvml_gpus())
+
+
+GIB = 1 << 30
+
+
+def inventory(
+    declared: Sequence[GpuDeclaration], seen: Callable[[], list[dict[str, float]]] = nvml_gpus
+) -> list[Gpu]:
+    """The GPUs placement may use. With NVML: the driver's, each capped by a declaration
+    that names it (its budget becomes declared / total). Without: the declared ones.
+    Raises ValueError for a declared GPU the driver does not have."""
+    caps = {d.id: int(d.memory_gb * GIB) for d in declared}
+    found = seen()
+    if not found:
+        return [Gpu(i, cap) for i, cap in sorted(caps.items())]
+    ids = {int(g["index"]) for g in found}
+    absent = sorted(set(caps) - ids)
+    if absent:
+        raise ValueError(f"gpus: GPU {absent[0]} is declared but the driver sees only {sorted(ids)}")
+    gpus = []
+    for g in found:
+        total = int(g["total"])
+        cap = min(caps.get(int(g["index"]), total), total)
+        gpus.append(Gpu(int(g["index"]), cap, budget=cap / total if total else 1.0))
+    return gpus
+
+
+def placement_problems(models: Iterable[ModelSpec], gpus: Sequence[Gpu]) -> list[str]:
+    """Models that can never be placed: each names its model and field."""
+    managed = [(i, m) for i, m in enumerate(models) if m.gpu_managed]
+    pinned = [(m.name, m.share, m.gpu_ids) for _, m in managed if m.pinned and m.gpu_ids]
+    problems = []
+    for i, m in managed:
+        why = never_fits(m.name, m.share, m.gpu_ids, pinned, gpus)
+        if why is not None:
+            problems.append(f"models[{i}] '{m.name}': {why}")
+    return problems
+
+
+def process_memory(pids: Iterable[int]) -> int | None:
+    """GPU memory (bytes) the processes `pids` use on every GPU, per NVML; None without NVML."""
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError:
+        return None
+    wanted = set(pids)
+    try:
+        used = 0
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            handle = pynvml.nvmlDeviceGetHandleByIndex(i)
+            for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
+                if proc.pid in wanted and proc.usedGpuMemory is not None:
+                    used += int(proc.usedGpuMemory)
+        return used
+    except pynvml.NVMLError:
+        return None
+    finally:
+        with contextlib.suppress(pynvml.NVMLError):
+            pynvml.nvmlShutdown()
+
+
+def gpus_for(registry: Registry, seen: Callable[[], list[dict[str, float]]] = nvml_gpus) -> list[Gpu]:
+    """The GPUs for this registry; ConfigError for a declaration the driver contradicts or
+    a model that can never be placed."""
+    try:
+        gpus = inventory(registry.gpus, seen)
+    except ValueError as exc:
+        raise ConfigError(registry.source, [str(exc)]) from exc
+    problems = placement_problems(registry.models.values(), gpus)
+    if problems:
+        raise ConfigError(registry.source, problems)
+    return gpus

@@ -97,3 +97,86 @@ def test_request_defaults_are_checked() -> None:
         assert problem.startswith("models[0] 'a': defaults:"), problem
     shipped = load_registry(Path(__file__).resolve().parents[2] / "config" / "models.yaml")
     assert shipped.models["gemma-3-270m"].defaults["max_tokens"] == 256  # a CPU engine's bound
+
+
+def _gguf(name: str, **fields: Any) -> dict[str, Any]:
+    return {"name": name, "backend": "llamacpp", "model_path": "x.gguf", **fields}
+
+
+def test_gpu_capacity_fields_are_checked_with_file_model_and_field() -> None:
+    problems = _problems(
+        {
+            "models": [
+                _m("a", gpu_memory=1.5),
+                _m("b", gpu_memory=0),
+                _gguf("c", on_idle="sleep"),
+                _gguf("d", gpu_memory=0.5, pinned=True),
+                _m("e", sleep_timeout=10),
+                _m("f", args=["--mem-fraction-static", "0.5"]),
+                {**_m("g", args=["--gpu-memory-utilization=0.5"]), "backend": "vllm"},
+                _m("h", on_idle="nap"),
+                _m("i", gpu_id=[0, 0]),
+                _m("j", env={"CUDA_VISIBLE_DEVICES": "1"}),
+            ],
+            "gpus": [{"id": 0, "memory_gb": 80}, {"id": 0, "memory_gb": 40}, {"id": -1, "memory_gb": 0}],
+        }
+    )
+    assert problems[:2] == [
+        "models[0] 'a': gpu_memory: Input should be less than or equal to 1",
+        "models[1] 'b': gpu_memory: Input should be greater than 0",
+    ]
+    assert "models[7] 'h': on_idle: Input should be 'stop' or 'sleep'" in problems
+    assert "gpus.2.id: Input should be greater than or equal to 0" in problems
+    problems = _problems(
+        {
+            "models": [
+                _gguf("c", on_idle="sleep"),
+                _gguf("d", gpu_memory=0.5, pinned=True),
+                _m("e", sleep_timeout=10),
+                _m("f", args=["--mem-fraction-static", "0.5"]),
+                {**_m("g", args=["--gpu-memory-utilization=0.5"]), "backend": "vllm"},
+                _m("i", gpu_id=[0, 0]),
+                _m("j", env={"CUDA_VISIBLE_DEVICES": "1"}),
+            ],
+            "gpus": [{"id": 0, "memory_gb": 80}, {"id": 0, "memory_gb": 40}],
+        }
+    )
+    assert problems == [
+        "models[0] 'c': on_idle: llama.cpp has no sleep mode",
+        "models[1] 'd': gpu_memory: only GPU models on SGLang or vLLM take it (this one is llamacpp on cpu)",
+        "models[1] 'd': pinned: only GPU models on SGLang or vLLM take it (this one is llamacpp on cpu)",
+        "models[2] 'e': sleep_timeout: applies only with on_idle: sleep",
+        "models[3] 'f': args: --mem-fraction-static is set by the daemon",
+        "models[4] 'g': args: --gpu-memory-utilization is set by the daemon",
+        "models[5] 'i': gpu_id: [0, 0] names a GPU twice",
+        "models[6] 'j': env: CUDA_VISIBLE_DEVICES is set by the daemon (use gpu_id)",
+        "gpus[1]: id: GPU 0 is declared twice",
+    ]
+
+
+def test_models_that_can_never_be_placed_are_load_errors() -> None:
+    from lifecycle.gpus import gpus_for
+
+    doc = {
+        "models": [
+            _m("p", gpu_id=0, gpu_memory=0.6, pinned=True),
+            _m("q", gpu_id=0, gpu_memory=0.5),
+            _m("r", gpu_id=[0, 3], gpu_memory=0.1),
+            _m("s", gpu_memory=0.5),  # fits on GPU 1
+        ],
+        "gpus": [{"id": 0, "memory_gb": 80}, {"id": 1, "memory_gb": 80}],
+    }
+    with pytest.raises(ConfigError) as info:
+        gpus_for(parse_registry(doc, SRC), seen=list)
+    assert info.value.problems == [
+        "models[1] 'q': gpu_memory: 0.5 with the pinned model(s) 'p' (0.6) is over GPU 0's budget of 1",
+        "models[2] 'r': gpu_id: GPU 3 is not present (GPUs: 0, 1)",
+    ]
+    # With NVML, a declaration caps a GPU the driver has and may not invent one.
+    driver = [{"index": 0, "used": 0, "total": 80 << 30, "util": 0.0}]
+    capped = parse_registry({"models": [], "gpus": [{"id": 0, "memory_gb": 40}]}, SRC)
+    (gpu,) = gpus_for(capped, seen=lambda: driver)
+    assert gpu.budget == 0.5 and gpu.memory_total_bytes == 40 << 30
+    invented = parse_registry({"models": [], "gpus": [{"id": 1, "memory_gb": 40}]}, SRC)
+    with pytest.raises(ConfigError, match="GPU 1 is declared but the driver sees only"):
+        gpus_for(invented, seen=lambda: driver)
