@@ -21,6 +21,8 @@ in models.yaml):
     FAKE_HANG              "start": never become ready; "request": never answer requests
     FAKE_CHILDREN          spawn this many child processes (they ignore SIGTERM too if asked)
     FAKE_LOG_REQUESTS      1: print each /v1 request with its X-Request-ID
+    FAKE_GPU_LEDGER        a file shared by the fake engines: GPU memory shares (tests/fake_gpu.py)
+    FAKE_WAKE_DELAY        seconds a wake from sleep takes (tests/fake_gpu.py)
 
 `GET /fake/stats` reports requests seen, in flight, the most ever in flight,
 streams cancelled by the client, tokens sent, the connections requests came
@@ -49,6 +51,7 @@ from aiohttp import web
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fake_protocol as proto  # run as a script: its own folder is not a package root
+from fake_gpu import FakeGpu
 
 
 def _bool(value: str) -> bool:
@@ -77,6 +80,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     sg.add_argument("--api-key")
     sg.add_argument("--context-length", type=int)
     sg.add_argument("--enable-metrics", action="store_true")
+    sg.add_argument("--enable-memory-saver", action="store_true")
 
     vl = dialects.add_parser("vllm")
     vl.add_argument("model")
@@ -91,6 +95,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     vl.add_argument("--max-num-seqs", type=int)
     vl.add_argument("--gpu-memory-utilization", type=float)
     vl.add_argument("--max-model-len", type=int)
+    vl.add_argument("--enable-sleep-mode", action="store_true")
 
     lc = dialects.add_parser("llamacpp")
     lc.add_argument("--model", required=True)
@@ -123,9 +128,10 @@ class Knobs:
 
 
 class FakeEngine:
-    def __init__(self, args: argparse.Namespace, knobs: Knobs) -> None:
+    def __init__(self, args: argparse.Namespace, knobs: Knobs, gpu: FakeGpu) -> None:
         self.args = args
         self.knobs = knobs
+        self.gpu = gpu
         self.name = self._served_name(args)
         # Like the real engines: SGLang takes --api-key, vLLM VLLM_API_KEY, llama.cpp API_KEY.
         env_key = {"vllm": "VLLM_API_KEY", "llamacpp": "API_KEY"}.get(args.dialect)
@@ -157,6 +163,7 @@ class FakeEngine:
         r.add_post("/v1/embeddings", self.embeddings)
         r.add_post("/v1/rerank", self.rerank)
         r.add_post("/flush_cache", self.flush_cache)
+        self.gpu.routes(app)
         if self.args.dialect in ("sglang", "vllm"):  # llama-cpp-python serves neither
             r.add_post("/v1/responses", self.responses)
         # Tokenizers: vLLM /tokenize, SGLang /v1/tokenize (and /tokenize), llama-cpp-python /extras/.
@@ -177,6 +184,8 @@ class FakeEngine:
             )
         if self.knobs.hang == "request" and request.path.startswith("/v1/"):
             await asyncio.Event().wait()
+        if self.gpu.sleeping and request.path.startswith("/v1/"):  # its weights are not on the GPU
+            return web.json_response({"error": "the engine is sleeping"}, status=503)
         return await handler(request)  # type: ignore[no-any-return]
 
     async def health(self, request: web.Request) -> web.Response:
@@ -197,6 +206,8 @@ class FakeEngine:
                 "connections": len(self.peers),
                 "tokens_sent": self.tokens_sent,
                 "last_headers": self.last_headers,
+                "sleeping": self.gpu.sleeping,
+                **self.gpu.stats,
             }
         )
 
@@ -454,8 +465,16 @@ def main(argv: list[str]) -> int:
         print("fake engine: failing during start as asked (FAKE_EXIT_DURING_START)", flush=True)
         return int(knobs.exit_during_start)
     time.sleep(knobs.start_delay)
+    gpu = FakeGpu(args, dict(os.environ))
+    error = gpu.claim()  # like the real engines: the weights and KV cache take their share first
+    if error is not None:
+        print(error, flush=True)
+        return 1
     host = args.host or "0.0.0.0"
-    asyncio.run(serve(FakeEngine(args, knobs), host, args.port))
+    try:
+        asyncio.run(serve(FakeEngine(args, knobs, gpu), host, args.port))
+    finally:
+        gpu.release()
     return 0
 
 
