@@ -14,9 +14,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from api.context import AppContext
 from api.reload import reload_registry
 from config.models import ModelSpec
+from lifecycle.capacity import reserved
 from lifecycle.engine import Engine
-from lifecycle.state import EngineError
-from router.errors import FormatNotSupported, ModelNotFound, ModelUnavailable
+from lifecycle.gpus import process_memory
+from lifecycle.process import descendants
+from lifecycle.state import EngineError, EngineState
+from router.errors import Conflict, FormatNotSupported, InvalidRequest, ModelNotFound, ModelUnavailable
 from router.policy import choose_route
 
 
@@ -50,9 +53,10 @@ def _model_card(ctx: AppContext, spec: ModelSpec) -> dict[str, Any]:
     return card
 
 
-def _status_row(engine: Engine) -> dict[str, Any]:
+def _status_row(engine: Engine, measured: bool = False) -> dict[str, Any]:
+    """One engine's row; `measured` adds its GPU memory per NVML (null without NVML)."""
     s = engine.status()
-    return {
+    row = {
         "name": s.name,
         "backend": s.backend,
         "state": s.state.value,
@@ -65,7 +69,30 @@ def _status_row(engine: Engine) -> dict[str, Any]:
         "failures": s.failures,
         "last_error": s.last_error,
         "retry_at": s.retry_at,
+        "gpu_ids": list(s.gpu_ids),
+        "gpu_memory": s.gpu_memory,
+        "gpu_memory_bytes": None,
+        "pinned": s.pinned,
+        "sleeps": s.sleeps,
+        "wakes": s.wakes,
     }
+    if measured and s.pid is not None and s.gpu_memory is not None:
+        row["gpu_memory_bytes"] = process_memory([s.pid, *(p.pid for p in descendants(s.pid))])
+    return row
+
+
+def _gpu_rows(ctx: AppContext) -> list[dict[str, Any]]:
+    holders = ctx.manager.budget.holders()
+    return [
+        {
+            "id": g.id,
+            "memory_total_bytes": g.memory_total_bytes,
+            "budget": g.budget,
+            "share_reserved": round(reserved(g.id, holders), 6),
+            "models": [h.name for h in holders if h.holds and g.id in h.gpus],
+        }
+        for g in ctx.manager.budget.gpus
+    ]
 
 
 router = APIRouter()
@@ -97,9 +124,13 @@ async def list_models(request: Request, model: str | None = None) -> dict[str, A
 @get("/v1/status")
 async def status(request: Request) -> dict[str, Any]:
     ctx = _ctx(request)
+    engines = list(ctx.manager.engines.values())
+    rows = await asyncio.to_thread(lambda: [_status_row(e, measured=True) for e in engines])  # NVML blocks
     return {
         "execution_mode": ctx.execution_mode,
-        "models": [_status_row(e) for e in ctx.manager.engines.values()],
+        "max_loaded_models": ctx.settings.max_loaded_models,
+        "gpus": _gpu_rows(ctx),
+        "models": rows,
     }
 
 
@@ -155,6 +186,25 @@ async def admin_stop(
         raise FormatNotSupported(f"Model '{name}' cannot run: {ctx.registry.disabled[name]}")
     grace = ctx.settings.shutdown_grace_period if timeout is None else max(0.0, timeout)
     await engine.stop(drain=0.0 if force else grace)
+    return JSONResponse(_status_row(engine))
+
+
+@router.post("/v1/admin/models/{name}/sleep")
+async def admin_sleep(request: Request, name: str) -> JSONResponse:
+    """Put an idle, ready engine launched with `on_idle: sleep` to sleep now (its GPU memory
+    freed, its process kept). A sleeping engine is left as it is."""
+    ctx = _ctx(request)
+    engine = _engine(ctx, name)
+    if engine.spec.on_idle != "sleep" or engine.backend.sleep_routes is None:
+        raise InvalidRequest(f"Model '{name}' is not launched for sleep (set on_idle: sleep in models.yaml)")
+    if engine.state is not EngineState.SLEEPING:
+        task = engine.sleep_now()
+        if task is None:
+            raise Conflict(
+                f"Model '{name}' can sleep only when it is ready and idle "
+                f"(state {engine.state.value}, {engine.in_flight} in flight)"
+            )
+        await asyncio.shield(task)
     return JSONResponse(_status_row(engine))
 
 

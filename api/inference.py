@@ -37,13 +37,15 @@ from api.errors import send_error
 from api.request_log import REQUEST_ID, access_log, request_id_from
 from backends.capabilities import ROUTES
 from config.models import ModelSpec
+from lifecycle.budget import EngineNoRoom
 from lifecycle.engine import Engine, Lease
-from lifecycle.state import EngineError, EngineQueueFull
+from lifecycle.state import EngineError, EngineQueueFull, EngineState
 from router.answer import Rename
 from router.collect import Capture, Collector
 from router.errors import (
     BackendConnectFailed,
     EndpointNotSupported,
+    GpuOverloaded,
     ModelNotFound,
     ModelUnavailable,
     QueueFull,
@@ -197,14 +199,18 @@ class InferenceEndpoint:
         return spec
 
     def _select(self, spec: ModelSpec) -> Engine:
-        engines = self.ctx.manager.engines
+        manager = self.ctx.manager
+        engine = manager.engines[spec.name]
         route = choose_route(
             spec,
             policy=self.ctx.policy,
             disabled=self.ctx.registry.disabled,
-            in_flight={spec.name: engines[spec.name].in_flight},
-        )
-        return engines[route.target]
+            in_flight={spec.name: engine.in_flight},
+            # Only asked of a GPU engine that must start or wake (never on the hot path).
+            no_room=spec.gpu_managed and engine.state is not EngineState.READY
+            and spec.cpu_offload_model is not None and not manager.budget.has_room(spec),
+        )  # fmt: skip
+        return manager.engines[route.target]
 
     async def _forward(self, call: Call, engine: Engine) -> None:
         base_url = await self._ready(engine)
@@ -266,6 +272,8 @@ class InferenceEndpoint:
             return await engine.ensure_ready(max_waiting=engine.max_waiting)
         except EngineQueueFull as exc:
             raise QueueFull(exc.message, retry_after=1.0) from exc
+        except EngineNoRoom as exc:
+            raise GpuOverloaded(exc.message, retry_after=exc.retry_after, holders=exc.holders) from exc
         except EngineError as exc:
             raise ModelUnavailable(exc.message) from exc
 

@@ -120,9 +120,19 @@ class Metrics(Collector):
         self.startup = _Histogram(
             f"{P}_engine_startup_seconds", "Engine start to ready.", engine, STARTUP_BUCKETS
         )
+        self.evictions = _Counter(
+            f"{P}_engine_evictions", "Idle engines slept or stopped to make room on a GPU.",
+            ["model", "action"],
+        )  # fmt: skip
+        self.wakes = _Counter(f"{P}_engine_wakes", "Sleeping engines woken for a request.", ["model"])
+        self.wake_time = _Histogram(
+            f"{P}_engine_wake_seconds", "Engine wake (placement included) to ready.", ["model"],
+            LATENCY_BUCKETS,
+        )  # fmt: skip
         self._families: list[_Counter | _Histogram] = [
             self.requests, self.latency, self.ttft, self.tokens, self.offloads, self.rejections,
             self.starts, self.start_failures, self.stops, self.crashes, self.startup,
+            self.evictions, self.wakes, self.wake_time,
         ]  # fmt: skip
         self.registry.register(self)
 
@@ -166,6 +176,13 @@ class Metrics(Collector):
 
     def crashed(self, model: str, backend: str) -> None:
         self.crashes.inc((model, backend))
+
+    def evicted(self, model: str, action: str) -> None:
+        self.evictions.inc((model, action))
+
+    def woke(self, model: str, seconds: float) -> None:
+        self.wakes.inc((model,))
+        self.wake_time.observe((model,), seconds)
 
 
 class EngineCollector(Collector):

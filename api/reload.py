@@ -8,6 +8,7 @@ from typing import Any
 
 from api.context import AppContext
 from config.models import ConfigError, load_registry
+from lifecycle.gpus import gpus_for
 from router.errors import InvalidConfig
 
 log = logging.getLogger(__name__)
@@ -17,6 +18,7 @@ def reload_registry(ctx: AppContext) -> dict[str, Any]:
     """Load MODELS_CONFIG_PATH again. A file with any problem changes nothing."""
     try:
         registry = load_registry(ctx.settings.models_config_path)
+        gpus = gpus_for(registry)
     except ConfigError as exc:
         log.error("reload refused, nothing changed:\n%s", exc)
         raise InvalidConfig(
@@ -24,6 +26,6 @@ def reload_registry(ctx: AppContext) -> dict[str, Any]:
         ) from exc
     for name, reason in registry.disabled.items():
         log.warning("%s: model '%s' is disabled: %s", registry.source, name, reason)
-    report = asdict(ctx.manager.reload(registry))
+    report = asdict(ctx.manager.reload(registry, gpus))
     log.info("reloaded %s: %s", registry.source, report)
     return report

@@ -33,6 +33,7 @@ class LaunchContext:
     api_key: str | None = None
     sglang_max_running_requests: int = 3
     sglang_max_total_tokens: int = 0
+    gpu_ids: tuple[int, ...] = ()  # where placement put it (CUDA_VISIBLE_DEVICES); () = the spec's gpu_id
 
 
 @dataclass(frozen=True)
@@ -51,12 +52,23 @@ def ask_keep_alive(env: dict[str, str], variable: str) -> float:
         return UVICORN_KEEP_ALIVE
 
 
+@dataclass(frozen=True)
+class SleepRoutes:
+    """How an engine launched for sleep gives its GPU memory back and takes it again (POST)."""
+
+    sleep: str
+    wake: str
+    body: object = None  # JSON sent with both; None: no body
+
+
 class Backend(Protocol):
     name: str
     # Answers 2xx only once the engine can serve (polled during start).
     readiness_path: str
     # Polled by the health monitor while READY.
     liveness_path: str
+    # None: the engine cannot sleep (models.yaml refuses `on_idle: sleep` for it).
+    sleep_routes: SleepRoutes | None
 
     def launch(self, spec: ModelSpec, ctx: LaunchContext) -> LaunchSpec: ...
 
@@ -64,10 +76,16 @@ class Backend(Protocol):
 def engine_env(spec: ModelSpec, ctx: LaunchContext) -> dict[str, str]:
     """Clean environment: allow-list, then device pinning, then overrides, then the model's env."""
     env = dict(ctx.base_env)
+    gpus = gpu_ids(spec, ctx)
     if spec.execution_mode == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
-    elif spec.gpu_ids:
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in spec.gpu_ids)
+    elif gpus:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in gpus)
     env.update(ctx.override_env)
     env.update(spec.env)
     return env
+
+
+def gpu_ids(spec: ModelSpec, ctx: LaunchContext) -> tuple[int, ...]:
+    """The GPUs this start runs on: where placement put it, else the model's `gpu_id`."""
+    return ctx.gpu_ids or spec.gpu_ids

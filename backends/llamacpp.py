@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from backends.base import LOOPBACK, LaunchContext, LaunchSpec, engine_env
+from backends.base import LOOPBACK, LaunchContext, LaunchSpec, SleepRoutes, engine_env
 from config.models import ModelSpec
 
 DEFAULT_COMMAND = (sys.executable, "-m", "llama_cpp.server")
@@ -16,6 +16,7 @@ class LlamaCppBackend:
     # answer means ready; /openapi.json takes no lock (a generation holds one).
     readiness_path = "/openapi.json"
     liveness_path = "/openapi.json"
+    sleep_routes: SleepRoutes | None = None  # llama-cpp-python's server cannot free its memory
 
     def launch(self, spec: ModelSpec, ctx: LaunchContext) -> LaunchSpec:
         argv = [*(ctx.command or DEFAULT_COMMAND)]

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import sys
 
-from backends.base import LOOPBACK, LaunchContext, LaunchSpec, ask_keep_alive, engine_env
+from backends.base import (
+    LOOPBACK,
+    LaunchContext,
+    LaunchSpec,
+    SleepRoutes,
+    ask_keep_alive,
+    engine_env,
+    gpu_ids,
+)
 from config.models import ModelSpec
 
 DEFAULT_COMMAND = (sys.executable, "-m", "sglang.launch_server")
@@ -15,6 +23,11 @@ class SGLangBackend:
     # /health runs a one-token generation and answers 503 until warm-up ends.
     readiness_path = "/health"
     liveness_path = "/health"
+    # With --enable-memory-saver; the routes exist without it too, but then free nothing
+    # (a no-op memory saver). Their body is a ReleaseMemoryOccupationReqInput: {} = all.
+    sleep_routes: SleepRoutes | None = SleepRoutes(
+        "/release_memory_occupation", "/resume_memory_occupation", {}
+    )
 
     def launch(self, spec: ModelSpec, ctx: LaunchContext) -> LaunchSpec:
         argv = [*(ctx.command or DEFAULT_COMMAND)]
@@ -28,8 +41,12 @@ class SGLangBackend:
             argv += ["--quantization", "awq"]
         if spec.type in ("embedding", "reranker"):
             argv += ["--is-embedding"]
-        if len(spec.gpu_ids) > 1:
-            argv += ["--tp-size", str(len(spec.gpu_ids))]
+        if len(gpu_ids(spec, ctx)) > 1:
+            argv += ["--tp-size", str(len(gpu_ids(spec, ctx)))]
+        if spec.gpu_memory is not None:
+            argv += ["--mem-fraction-static", f"{spec.gpu_memory:g}"]
+        if spec.on_idle == "sleep":
+            argv += ["--enable-memory-saver"]
         if ctx.api_key:  # SGLang takes it only as a flag; the daemon redacts it from logs
             argv += ["--api-key", ctx.api_key]
         argv += spec.args

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import sys
 
-from backends.base import LOOPBACK, LaunchContext, LaunchSpec, ask_keep_alive, engine_env
+from backends.base import (
+    LOOPBACK,
+    LaunchContext,
+    LaunchSpec,
+    SleepRoutes,
+    ask_keep_alive,
+    engine_env,
+    gpu_ids,
+)
 from config.models import ModelSpec
 
 # The `vllm` console script is this module; calling it through our own
@@ -17,6 +25,9 @@ class VLLMBackend:
     # /health answers 200 once the model is loaded, 503 only if the engine died.
     readiness_path = "/health"
     liveness_path = "/health"
+    # Level 1: weights to CPU memory, KV cache dropped. The routes exist only with
+    # VLLM_SERVER_DEV_MODE=1, and work only with --enable-sleep-mode.
+    sleep_routes: SleepRoutes | None = SleepRoutes("/sleep?level=1", "/wake_up")
 
     def launch(self, spec: ModelSpec, ctx: LaunchContext) -> LaunchSpec:
         argv = [*(ctx.command or DEFAULT_COMMAND), ctx.model_path]
@@ -28,10 +39,16 @@ class VLLMBackend:
         if spec.type in ("embedding", "reranker"):
             # `--task` is gone; pooling models use the pooling runner.
             argv += ["--runner", "pooling"]
-        if len(spec.gpu_ids) > 1:
-            argv += ["--tensor-parallel-size", str(len(spec.gpu_ids))]
+        if len(gpu_ids(spec, ctx)) > 1:
+            argv += ["--tensor-parallel-size", str(len(gpu_ids(spec, ctx)))]
+        if spec.gpu_memory is not None:
+            argv += ["--gpu-memory-utilization", f"{spec.gpu_memory:g}"]
+        if spec.on_idle == "sleep":
+            argv += ["--enable-sleep-mode"]
         argv += spec.args
         env = engine_env(spec, ctx)
+        if spec.on_idle == "sleep":
+            env["VLLM_SERVER_DEV_MODE"] = "1"  # attaches /sleep and /wake_up (and other dev routes)
         if ctx.api_key:  # by environment: other users can read a command line, not an environment
             env["VLLM_API_KEY"] = ctx.api_key
         keep_alive = ask_keep_alive(env, "VLLM_HTTP_TIMEOUT_KEEP_ALIVE")

@@ -19,6 +19,13 @@ Invariants (the reasons are peers' bugs, see ANCHORS.md):
 - Draining (an operator's stop, a removed model) refuses new requests and
   waits for the ones in flight before the stop; a changed models.yaml entry
   is applied when the engine is stopped, or as soon as it is idle.
+- A GPU engine is placed (lifecycle/budget.py) inside its start or wake
+  transition, before it takes any memory; `placed` holds its reservation
+  until its process group is gone or it sleeps. Waiting for room happens in
+  the state it had (STOPPED, FAILED, SLEEPING), so a failed placement
+  changes nothing but the answer (429 GPU_OVERLOADED).
+- Sleep and eviction only ever take an idle engine (`evictable`): a lease
+  taken first makes it not evictable in the same step.
 """
 
 from __future__ import annotations
@@ -33,9 +40,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from backends.base import LOOPBACK, Backend, LaunchContext
+from backends.base import LOOPBACK, Backend, LaunchContext, SleepRoutes
 from config.models import EngineOverride, ModelSpec
 from config.settings import Settings, resolve_timeouts
+from lifecycle.budget import GpuBudget
 from lifecycle.model_files import ModelFileError, ModelFiles
 from lifecycle.pidrecords import PidRecords
 from lifecycle.ports import free_port
@@ -52,6 +60,7 @@ from lifecycle.process import (
 from lifecycle.state import (
     EngineBackingOff,
     EngineDraining,
+    EngineError,
     EngineEvents,
     EngineQueueFull,
     EngineStartError,
@@ -70,6 +79,10 @@ STABLE_AFTER = 60.0
 PROBE_TIMEOUT = 2.0
 ERROR_TAIL_LINES = 15
 BACKOFF_CAP = 60.0
+SLEEP_CALL_TIMEOUT = 60.0  # an engine's sleep route frees memory; it should not take longer
+# What the engines print when the card cannot hold them: torch, vLLM's start-up memory
+# check ("Free memory on device ... is less than desired GPU memory utilization"), SGLang's.
+OUT_OF_MEMORY = ("out of memory", "outofmemoryerror", "less than desired gpu memory", "not enough memory")
 
 
 def backoff_delay(failures: int) -> float:
@@ -88,6 +101,7 @@ class EngineServices:
     model_files: ModelFiles
     log_dir: Path
     events: EngineEvents = field(default_factory=NoEvents)
+    budget: GpuBudget | None = None  # GPU placement; None: GPU engines start unplaced
 
 
 class Lease:
@@ -142,6 +156,9 @@ class Engine:
         self.last_used: float | None = None
         self.last_error: str | None = None
         self.retry_at: float | None = None
+        self.placed: tuple[int, ...] | None = None  # GPUs it holds memory on (lifecycle/budget.py)
+        self.sleeps = 0
+        self.wakes = 0
 
     def _configure(self, spec: ModelSpec, backend: Backend, override: EngineOverride | None) -> None:
         settings = self._services.settings
@@ -179,6 +196,32 @@ class Engine:
             return self.spec.idle_timeout
         return self._services.settings.default_idle_timeout
 
+    @property
+    def sleep_timeout(self) -> float:
+        if self.spec.sleep_timeout is not None:
+            return self.spec.sleep_timeout
+        return self._services.settings.default_sleep_timeout
+
+    @property
+    def idle_ready(self) -> bool:
+        """Ready, nothing in flight or waiting, no transition, not draining."""
+        return (
+            self._state is EngineState.READY
+            and self.in_flight == 0
+            and self.waiting == 0
+            and not self._draining
+            and self._current() is None
+        )
+
+    @property
+    def evictable(self) -> bool:
+        """Idle and ready, and not pinned: may be slept or stopped to make room."""
+        return self.idle_ready and not self.spec.pinned
+
+    @property
+    def _sleep_routes(self) -> SleepRoutes | None:
+        return self.backend.sleep_routes if self.spec.on_idle == "sleep" else None
+
     def status(self) -> EngineStatus:
         return EngineStatus(
             name=self.name,
@@ -193,6 +236,12 @@ class Engine:
             failures=self.failures,
             last_error=self.last_error,
             retry_at=self.retry_at,
+            gpu_ids=self.placed if self.placed is not None else self.spec.gpu_ids,
+            gpu_memory=self.spec.share if self.spec.gpu_managed else None,
+            pinned=self.spec.pinned,
+            holds_gpu=self.placed is not None,
+            sleeps=self.sleeps,
+            wakes=self.wakes,
         )
 
     async def wait_for_state(self, *states: EngineState, timeout: float) -> EngineState:
@@ -215,6 +264,7 @@ class Engine:
         self.last_used = time.time()
         if self.in_flight == 0:
             self._idle.set()
+            self._room_changed()
             if self._pending is not None:
                 self._apply_pending()
             elif self._state is EngineState.READY:
@@ -226,6 +276,16 @@ class Engine:
             loop = asyncio.get_running_loop()
             self._idle_handle = loop.call_later(self.idle_timeout, self._on_idle)
 
+    def _arm_sleep_timeout(self) -> None:
+        self._disarm_idle()
+        if self.sleep_timeout > 0:
+            loop = asyncio.get_running_loop()
+            self._idle_handle = loop.call_later(self.sleep_timeout, self._on_sleep_timeout)
+
+    def _room_changed(self) -> None:
+        if self._services.budget is not None and self.spec.gpu_managed:
+            self._services.budget.changed()
+
     def _disarm_idle(self) -> None:
         if self._idle_handle is not None:
             self._idle_handle.cancel()
@@ -234,8 +294,34 @@ class Engine:
     def _on_idle(self) -> None:
         self._idle_handle = None
         if self.in_flight == 0 and self._state is EngineState.READY and self._current() is None:
-            log.info("engine '%s' idle for %.1fs: stopping", self.name, self.idle_timeout)
+            if self._sleep_routes is not None:
+                log.info("engine '%s' idle for %.1fs: sleeping", self.name, self.idle_timeout)
+                self._begin(self._run_sleep())
+            else:
+                log.info("engine '%s' idle for %.1fs: stopping", self.name, self.idle_timeout)
+                self._begin(self._run_stop(EngineState.STOPPED, None))
+
+    def _on_sleep_timeout(self) -> None:
+        self._idle_handle = None
+        if self._state is EngineState.SLEEPING and self._current() is None:
+            log.info("engine '%s' asleep for %.1fs: stopping", self.name, self.sleep_timeout)
             self._begin(self._run_stop(EngineState.STOPPED, None))
+
+    def evict(self, action: str) -> asyncio.Task[None] | None:
+        """Make room: sleep (`action` "sleep", if it can) or stop this idle engine. None when
+        it is no longer evictable (a request took it first)."""
+        if not self.evictable:
+            return None
+        self._services.events.evicted(self.name, action)
+        if action == "sleep" and self._sleep_routes is not None:
+            return self._begin(self._run_sleep())
+        return self._begin(self._run_stop(EngineState.STOPPED, None))
+
+    def sleep_now(self) -> asyncio.Task[None] | None:
+        """An operator's sleep: only an idle, ready engine launched for sleep."""
+        if self._sleep_routes is None or not self.idle_ready:
+            return None
+        return self._begin(self._run_sleep())
 
     # ---------------------------------------------------------------- intents
 
@@ -258,8 +344,11 @@ class Engine:
                 )
             task = self._current()
             if task is None:
-                self._check_backoff(force)
-                task = self._begin(self._run_start())
+                if self._state is not EngineState.SLEEPING:
+                    self._check_backoff(force)
+                self._abort = asyncio.Event()  # before the task exists: a stop may set it at once
+                wake = self._state is EngineState.SLEEPING
+                task = self._begin(self._run_wake() if wake else self._run_start())
             self.waiting += 1
             try:
                 await asyncio.shield(task)
@@ -304,14 +393,14 @@ class Engine:
 
     async def _stop_now(self) -> None:
         while (task := self._current()) is not None:
-            if self._state is EngineState.STARTING:
+            if self._state is not EngineState.STOPPING:  # a start, or a placement waiting for room
                 self._abort.set()
-            with contextlib.suppress(EngineStartError):
+            with contextlib.suppress(EngineError):
                 await asyncio.shield(task)
         if self._state is EngineState.FAILED:
             self.retry_at = None
             self._set(EngineState.STOPPED)
-        elif self._state is EngineState.READY:
+        elif self._state in (EngineState.READY, EngineState.SLEEPING):
             await asyncio.shield(self._begin(self._run_stop(EngineState.STOPPED, None)))
 
     def proved_healthy(self) -> None:
@@ -333,7 +422,7 @@ class Engine:
     def _stop_crashed(self, code: int | None) -> None:
         """Leave READY at once: a request arriving now must wait for a new engine,
         not be sent to a dead port. The stop drains the last output lines."""
-        if self._state is EngineState.READY and self._current() is None:
+        if self._state in (EngineState.READY, EngineState.SLEEPING) and self._current() is None:
             self._begin(self._run_stop(EngineState.FAILED, f"engine exited unexpectedly with code {code}"))
 
     def mark_failed(self, reason: str) -> None:
@@ -352,6 +441,7 @@ class Engine:
         check_transition(self._state, new)
         log.debug("engine '%s': %s -> %s", self.name, self._state.value, new.value)
         self._state = new
+        self._room_changed()
 
         async def notify() -> None:
             async with self._changed:
@@ -403,12 +493,19 @@ class Engine:
         self.retry_at = time.time() + delay if delay > 0 else None
         log.warning("engine '%s' failed (%d): %s", self.name, self.failures, reason)
 
+    async def _place(self, began: float) -> None:
+        """Reserve room on the GPUs (evicting idle engines if need be) before taking any."""
+        budget = self._services.budget
+        if budget is not None and self.spec.gpu_managed and self.placed is None:
+            timeout = self._services.settings.startup_timeout
+            await budget.reserve(self, max(0.0, began + timeout - time.monotonic()), self._abort)
+
     async def _run_start(self) -> None:
+        began = time.monotonic()
+        await self._place(began)
         self._set(EngineState.STARTING)
         self.starts += 1
-        self._abort = asyncio.Event()
         timeout = self._services.settings.startup_timeout
-        began = time.monotonic()
         events = self._services.events
         try:
             await self._launch()
@@ -465,6 +562,7 @@ class Engine:
             sglang_max_running_requests=settings.sglang_max_running_requests,
             sglang_max_total_tokens=settings.sglang_max_total_tokens,
             api_key=self.api_key,
+            gpu_ids=self.placed or (),
         )
         launch = self.backend.launch(self.spec, ctx)
         self.keep_alive = launch.keep_alive
@@ -489,7 +587,7 @@ class Engine:
                     raise self._start_error("start aborted by a stop request")
                 if self._exited.done():
                     await self._drain_output()
-                    raise self._start_error(f"engine exited with code {self._exited.result()} during start")
+                    raise self._start_error(self._exit_reason(self._exited.result()))
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise self._start_error(f"engine not ready after {timeout:.0f}s (STARTUP_TIMEOUT)")
@@ -500,6 +598,14 @@ class Engine:
                 )
         finally:
             aborted.cancel()
+
+    def _exit_reason(self, code: int) -> str:
+        """Why the start failed; an engine that ran out of GPU memory is said to have."""
+        said = "\n".join(self.log.tail(ERROR_TAIL_LINES)).lower()
+        if self.spec.gpu_managed and any(marker in said for marker in OUT_OF_MEMORY):
+            held = self._services.budget.describe(self.placed or ()) if self._services.budget else ""
+            return f"out of GPU memory: the engine exited with code {code} during start ({held})"
+        return f"engine exited with code {code} during start"
 
     async def _drain_output(self) -> None:
         # The pipe may stay open if a child inherited it: do not wait long.
@@ -526,6 +632,59 @@ class Engine:
         else:
             self._services.events.stopped(self.name, self.spec.backend)
 
+    async def _run_sleep(self) -> None:
+        """READY -> SLEEPING: the engine gives its GPU memory back and keeps its process.
+        An engine that refuses stops instead (its memory must be freed either way)."""
+        routes = self._sleep_routes
+        assert routes is not None
+        self._set(EngineState.SLEEPING)
+        self._disarm_idle()
+        status, text = await self._services.prober.post(
+            self.base_url + routes.sleep, SLEEP_CALL_TIMEOUT, self.api_key, routes.body
+        )
+        if not 200 <= status < 300:
+            log.warning("engine '%s' did not sleep (%s %s): stopping it", self.name, status, text)
+            self.log.write(f"=== sleep refused ({status}): stopping")
+            await self._stop_from_sleep()
+            return
+        self.sleeps += 1
+        self.log.write("=== asleep: GPU memory released")
+        if self._services.budget is not None:
+            self._services.budget.release(self)
+        self._arm_sleep_timeout()
+
+    async def _run_wake(self) -> None:
+        """SLEEPING -> WAKING -> READY once it has room again. A wake that fails stops the
+        engine; the request that woke it then starts it afresh (ensure_ready loops)."""
+        began = time.monotonic()
+        await self._place(began)
+        routes = self._sleep_routes or self.backend.sleep_routes
+        assert routes is not None
+        self._disarm_idle()
+        self._set(EngineState.WAKING)
+        timeout = self._services.settings.startup_timeout
+        status, text = await self._services.prober.post(
+            self.base_url + routes.wake, timeout, self.api_key, routes.body
+        )
+        if not 200 <= status < 300:
+            log.warning("engine '%s' did not wake (%s %s): stopping it", self.name, status, text)
+            self.log.write(f"=== wake failed ({status}): stopping")
+            await self._stop_from_sleep()
+            return
+        self.wakes += 1
+        self._set(EngineState.READY)
+        self._services.events.woke(self.name, time.monotonic() - began)
+        self.log.write("=== awake")
+        if self.in_flight == 0:
+            self._arm_idle()
+
+    async def _stop_from_sleep(self) -> None:
+        self._set(EngineState.STOPPING)
+        await self._terminate()
+        self._ready_since = None
+        self._set(EngineState.STOPPED)
+        self._services.events.stopped(self.name, self.spec.backend)
+
     async def _terminate(self) -> None:
         """Stop the process group (SIGTERM, grace, SIGKILL) and forget the process."""
         proc, self._proc = self._proc, None
@@ -546,3 +705,5 @@ class Engine:
             proc.close_output()
         self._exited = None
         self._port = None
+        if self._services.budget is not None:
+            self._services.budget.release(self)  # the process group is gone: so is its memory

@@ -16,7 +16,10 @@ from dataclasses import dataclass
 from backends.registry import backend_for
 from config.models import EngineOverride, Registry
 from config.settings import Settings
+from lifecycle.budget import GpuBudget
+from lifecycle.capacity import Gpu
 from lifecycle.engine import Engine, EngineServices
+from lifecycle.gpus import gpus_for
 from lifecycle.model_files import ModelFiles
 from lifecycle.pidrecords import PidRecords
 from lifecycle.probe import Prober
@@ -40,10 +43,17 @@ class EngineManager:
         settings: Settings,
         base_env: dict[str, str],
         events: EngineEvents | None = None,
+        gpus: list[Gpu] | None = None,
     ) -> None:
         self.registry = registry
         self.settings = settings
         self._prober = Prober()
+        # GPU placement: the GPUs (NVML's, capped or declared by models.yaml) and the budget.
+        self.budget = GpuBudget(
+            gpus_for(registry) if gpus is None else gpus,
+            settings.max_loaded_models,
+            lambda: list(self.engines.values()),
+        )
         self.pid_records = PidRecords(settings.run_dir)
         self._services = services = EngineServices(
             settings=settings,
@@ -53,6 +63,7 @@ class EngineManager:
             model_files=ModelFiles(settings.model_cache_dir),
             log_dir=settings.log_dir,
             events=events or NoEvents(),
+            budget=self.budget,
         )
         self.engines: dict[str, Engine] = {
             name: Engine(spec, backend_for(spec.backend), services, self._override(spec.backend))
@@ -80,7 +91,7 @@ class EngineManager:
         atexit.register(self._kill_all_now)
         self._monitor = asyncio.get_running_loop().create_task(self._monitor_health(), name="health-monitor")
 
-    def reload(self, registry: Registry) -> ReloadReport:
+    def reload(self, registry: Registry, gpus: list[Gpu] | None = None) -> ReloadReport:
         """Switch to a validated registry; takes effect for the next request.
 
         Added models can be used at once. Removed ones vanish from the
@@ -91,6 +102,8 @@ class EngineManager:
         """
         old = self.registry
         self.registry = registry
+        if gpus is not None:
+            self.budget.configure(gpus)
         added = [n for n in registry.models if n not in old.models]
         removed = [n for n in old.models if n not in registry.models]
         changed, unchanged = [], []

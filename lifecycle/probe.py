@@ -30,6 +30,20 @@ class Prober:
         except (TimeoutError, aiohttp.ClientError, OSError):
             return False
 
+    async def post(
+        self, url: str, timeout: float, api_key: str | None = None, json: object = None
+    ) -> tuple[int, str]:
+        """POST to an engine's control route: (status, first 500 characters of the answer);
+        status 0 when it could not be reached or did not answer in time."""
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+        try:
+            async with self._client().post(
+                url, headers=headers, json=json, timeout=aiohttp.ClientTimeout(total=timeout)
+            ) as resp:
+                return resp.status, (await resp.text())[:500]
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            return 0, f"{type(exc).__name__}: {exc}"
+
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()

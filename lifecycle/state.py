@@ -1,9 +1,17 @@
 """Engine states, the legal transitions between them, and lifecycle errors.
 
     STOPPED ──▶ STARTING ──▶ READY ──▶ STOPPING ──▶ STOPPED
-                   │  ▲         │          │
-                   ▼  │         ▼          ▼
-                  FAILED ◀──────┴──────────┘
+                   │  ▲        │  ▲        │ ▲
+                   ▼  │        ▼  │        ▼ │
+                  FAILED ◀── SLEEPING ──▶ WAKING
+                             (GPU memory freed, process kept)
+
+SLEEPING: an idle engine with `on_idle: sleep` (or one evicted to make room)
+has given its GPU memory back but keeps its process; a request wakes it
+(SLEEPING -> WAKING -> READY). A wake that fails stops it (WAKING ->
+STOPPING) and the request falls back to a cold start. Asleep longer than
+`sleep_timeout`, it stops (SLEEPING -> STOPPING). A sleep call the engine
+refuses stops it too (SLEEPING -> STOPPING).
 
 FAILED means the process group is gone and the last start or run ended
 badly; the next `ensure_ready` (after a back-off) or an admin start retries.
@@ -14,7 +22,8 @@ Errors (all are `EngineError`; the API maps them to MODEL_UNAVAILABLE):
      ├── EngineStartError      the engine exited, timed out or could not be launched
      ├── EngineBackingOff      recent starts failed; `retry_at` says when to try again
      ├── EngineDraining        an operator's stop or a reload is draining it (503)
-     └── EngineQueueFull       too many requests already wait for its start (429)
+     ├── EngineQueueFull       too many requests already wait for its start (429)
+     └── EngineNoRoom          no room on its GPUs: busy engines hold it (429, lifecycle/budget.py)
 """
 
 from __future__ import annotations
@@ -30,6 +39,8 @@ class EngineState(StrEnum):
     READY = "ready"
     STOPPING = "stopping"
     FAILED = "failed"
+    SLEEPING = "sleeping"
+    WAKING = "waking"
 
 
 S = EngineState
@@ -37,7 +48,9 @@ TRANSITIONS: dict[EngineState, frozenset[EngineState]] = {
     S.STOPPED: frozenset({S.STARTING}),
     # STARTING -> STOPPING is an operator's stop (or daemon exit) during start.
     S.STARTING: frozenset({S.READY, S.FAILED, S.STOPPING}),
-    S.READY: frozenset({S.STOPPING}),
+    S.READY: frozenset({S.STOPPING, S.SLEEPING}),
+    S.SLEEPING: frozenset({S.WAKING, S.STOPPING}),
+    S.WAKING: frozenset({S.READY, S.STOPPING}),
     # STOPPING ends in FAILED when the stop was for a crash or an unhealthy engine.
     S.STOPPING: frozenset({S.STOPPED, S.FAILED}),
     S.FAILED: frozenset({S.STARTING, S.STOPPED}),
@@ -96,6 +109,12 @@ class EngineStatus:
     failures: int
     last_error: str | None
     retry_at: float | None
+    gpu_ids: tuple[int, ...] = ()  # where it runs (placed), or its gpu_id while not placed
+    gpu_memory: float | None = None  # its share of each of those GPUs (GPU engines only)
+    pinned: bool = False
+    holds_gpu: bool = False  # its share is reserved now
+    sleeps: int = 0
+    wakes: int = 0
 
 
 class EngineEvents(Protocol):
@@ -105,6 +124,8 @@ class EngineEvents(Protocol):
     def start_failed(self, model: str, backend: str) -> None: ...
     def stopped(self, model: str, backend: str) -> None: ...
     def crashed(self, model: str, backend: str) -> None: ...
+    def evicted(self, model: str, action: str) -> None: ...
+    def woke(self, model: str, seconds: float) -> None: ...
 
 
 class NoEvents:
@@ -118,4 +139,10 @@ class NoEvents:
         pass
 
     def crashed(self, model: str, backend: str) -> None:
+        pass
+
+    def evicted(self, model: str, action: str) -> None:
+        pass
+
+    def woke(self, model: str, seconds: float) -> None:
         pass

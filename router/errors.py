@@ -11,6 +11,7 @@
      ├── NotFound               404  NOT_FOUND (no such route)
      ├── ModelNotFound          404  MODEL_NOT_FOUND (+ available_models, install_endpoint)
      ├── MethodNotAllowed       405  METHOD_NOT_ALLOWED (+ Allow)
+     ├── Conflict               409  MODEL_BUSY (an admin action that needs an idle, ready engine)
      ├── RequestTimeout         408  REQUEST_TIMEOUT (a request head or body came too slowly)
      ├── PayloadTooLarge        413  REQUEST_TOO_LARGE
      ├── HeadersTooLarge        431  HEADERS_TOO_LARGE (MAX_HEADER_BYTES, MAX_HEADERS)
@@ -136,6 +137,10 @@ class MethodNotAllowed(RouterError):
 
     def headers(self) -> dict[str, str]:
         return {"Allow": self.allow} if self.allow else {}
+
+
+class Conflict(RouterError):
+    status, code, type = 409, "MODEL_BUSY", "invalid_request_error"
 
 
 class RequestTimeout(RouterError):

@@ -36,8 +36,14 @@ def choose_route(
     policy: OffloadPolicy,
     disabled: Mapping[str, str],
     in_flight: Mapping[str, int],
+    no_room: bool = False,
 ) -> Route:
-    """Serve `spec` itself, its CPU twin, or raise the error the client gets."""
+    """Serve `spec` itself, its CPU twin, or raise the error the client gets.
+
+    `no_room`: the GPU engine must start or wake and only busy engines hold its GPUs;
+    with a usable twin and offload enabled the twin serves at once (without one the
+    request waits for room in the lifecycle).
+    """
     if spec.name in disabled:
         raise FormatNotSupported(f"Model '{spec.name}' cannot run: {disabled[spec.name]}")
     twin = spec.cpu_offload_model
@@ -50,6 +56,8 @@ def choose_route(
             + ("" if twin is None else f"; its CPU twin '{twin}' cannot run")
             + " (set cpu_offload_model to a CPU model, or EXECUTION_MODE=gpu)"
         )
+    if no_room and policy.offload_enabled and twin is not None and twin_usable:
+        return Route(twin, offloaded=True)
     if spec.execution_mode == "gpu" and in_flight.get(spec.name, 0) >= policy.threshold:
         if policy.offload_enabled and twin is not None and twin_usable:
             return Route(twin, offloaded=True)

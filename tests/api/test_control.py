@@ -27,6 +27,7 @@ def test_health_models_status_install(daemon_for: Any) -> None:
         assert "not supported" in c.get("/v1/models", params={"model": "bad"}).json()["disabled"]
         status = c.get("/v1/status").json()
         assert status["execution_mode"] == "gpu"
+        assert status["gpus"] == [] and status["max_loaded_models"] == 0  # no NVML, none declared
         assert set(status["models"][0]) == {
             "name",
             "backend",
@@ -40,6 +41,12 @@ def test_health_models_status_install(daemon_for: Any) -> None:
             "failures",
             "last_error",
             "retry_at",
+            "gpu_ids",
+            "gpu_memory",
+            "gpu_memory_bytes",
+            "pinned",
+            "sleeps",
+            "wakes",
         }
         install = c.get("/v1/models/install").json()
         assert install["downloads"] is False and "gguf" in install["formats"]
