@@ -51,7 +51,12 @@ class Proc:
 
 
 def start_daemon(
-    workdir: Path, models: list[dict[str, Any]], fake: bool = True, root: Path = ROOT, **env: str
+    workdir: Path,
+    models: list[dict[str, Any]],
+    fake: bool = True,
+    root: Path = ROOT,
+    gpus: list[dict[str, Any]] | None = None,
+    **env: str,
 ) -> Proc:
     """`python main.py` from the source tree `root` (another commit's, for an A/B), serving
     `models`; fake engines always come from this tree, so both sides of an A/B share one."""
@@ -59,6 +64,8 @@ def start_daemon(
     doc: dict[str, Any] = {"models": models}
     if fake:
         doc["engines"] = FAKE_ENGINES
+    if gpus:
+        doc["gpus"] = gpus
     config = workdir / "models.yaml"
     config.write_text(yaml.safe_dump(doc))
     port = free_port()

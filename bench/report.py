@@ -30,7 +30,15 @@ def summarize(raw: dict[str, Any]) -> dict[str, Any]:
         "overload": raw["overload"],
         "rss": raw["rss"],
         "collect": raw.get("collect", {}),
+        "wake": _wake_summary(raw.get("wake")),
     }
+
+
+def _wake_summary(wake: dict[str, Any] | None) -> dict[str, float]:
+    if not wake or not wake["rows"]:
+        return {}
+    rows = wake["rows"]
+    return {"delay_ms": wake["delay_ms"], **{k: median_of(rows, k) for k in rows[0]}}
 
 
 def _keys_rows(s: dict[str, Any]) -> list[tuple[str, str, bool]]:
@@ -110,6 +118,15 @@ def check_targets(s: dict[str, Any]) -> list[tuple[str, str, bool]]:
             f"llama.cpp non-streaming, {tokens} tokens, read as a stream (cancellable): <= engine + 150 ms",
             f"{c['daemon_ms']:.0f} vs {c['engine_ms']:.0f} ms ({c['daemon_ms'] - c['engine_ms']:+.0f})",
             c["daemon_ms"] <= c["engine_ms"] + 150,
+        ))  # fmt: skip
+    w = s.get("wake")
+    if w:
+        rows.append((
+            "wake vs cold start: TTFT of a woken engine <= its wake + 100 ms",
+            f"{w['wake_ttft_ms']:.0f} ms, wake {w['delay_ms']:.0f} ms "
+            f"({w['wake_ttft_ms'] - w['delay_ms']:+.0f}); "
+            f"cold start {w['cold_ttft_ms']:.0f} ms, warm {w['warm_ttft_ms']:.0f} ms",
+            w["wake_ttft_ms"] <= w["delay_ms"] + 100,
         ))  # fmt: skip
     ol = s["overload"]
     for model, kind in (("gpu-alone", "rejected"), ("gpu", "offloaded")):

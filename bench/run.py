@@ -40,6 +40,11 @@ STREAM = {
 }
 COLD = {"name": "cold", "backend": "sglang", "model_path": "org/cold", "env": {"FAKE_START_DELAY": "2"}}
 SLOW = {"FAKE_TOKEN_DELAY": "0.01"}
+WAKE_DELAY = 0.5  # the fake engine's wake; its cold start takes 2 s plus its own start
+SLEEPER = {
+    "name": "sleeper", "backend": "vllm", "model_path": "org/sleeper", "gpu_id": 0, "gpu_memory": 0.5,
+    "on_idle": "sleep", "idle_timeout": 0,
+}  # fmt: skip
 OVERLOAD: list[dict[str, Any]] = [
     {"name": "gpu-alone", "backend": "sglang", "model_path": "org/a", "env": SLOW},
     {"name": "gpu", "backend": "sglang", "model_path": "org/g", "env": SLOW, "cpu_offload_model": "twin"},
@@ -146,6 +151,21 @@ def measure_llamacpp(args: argparse.Namespace, work: Path, procs: list[Proc], ra
     }
 
 
+def measure_wake(args: argparse.Namespace, work: Path, procs: list[Proc], raw: dict[str, Any]) -> None:
+    env = {
+        "FAKE_START_DELAY": "2",
+        "FAKE_WAKE_DELAY": str(WAKE_DELAY),
+        "FAKE_GPU_LEDGER": str(work / "ledger"),
+    }
+    sleeper = {**SLEEPER, "env": env}
+    daemon = start_daemon(work / "wake", [sleeper], gpus=[{"id": 0, "memory_gb": 80}])
+    procs.append(daemon)
+    scenarios.wake_vs_cold(daemon, "sleeper")  # warm-up
+    raw["wake"] = {"delay_ms": WAKE_DELAY * 1000, "rows": []}
+    for _ in range(args.rounds):
+        raw["wake"]["rows"].append(scenarios.wake_vs_cold(daemon, "sleeper"))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="ui-bench-"))
@@ -158,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         overload_daemon = start_daemon(work / "overload", OVERLOAD, OFFLOAD_QUEUE_THRESHOLD="3")
         procs.append(overload_daemon)
         raw["overload"] = scenarios.overload(overload_daemon, 3, args.duration)
+        measure_wake(args, work, procs, raw)
     finally:
         for proc in reversed(procs):
             proc.stop()

@@ -126,6 +126,18 @@ def cold_start(daemon: Proc, model: str) -> dict[str, float]:
     return {"cold_ttft_ms": cold, "warm_ttft_ms": warm}
 
 
+def wake_vs_cold(daemon: Proc, model: str) -> dict[str, float]:
+    """A sleeping engine's first token against a stopped one's (both through the daemon)."""
+    admin = f"{daemon.url}/v1/admin/models/{model}"
+    url = daemon.url + "/v1/completions"
+    httpx.post(admin + "/stop", timeout=60).raise_for_status()
+    cold = asyncio.run(first_chunk_ms(url, model))
+    httpx.post(admin + "/sleep", timeout=60).raise_for_status()
+    woken = asyncio.run(first_chunk_ms(url, model))
+    warm = asyncio.run(first_chunk_ms(url, model))
+    return {"cold_ttft_ms": cold, "wake_ttft_ms": woken, "warm_ttft_ms": warm}
+
+
 def _engine_stats(daemon: Proc, model: str) -> dict[str, Any]:
     rows = httpx.get(daemon.url + "/v1/status").json()["models"]
     port = next(r["port"] for r in rows if r["name"] == model)
