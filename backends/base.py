@@ -89,3 +89,17 @@ def engine_env(spec: ModelSpec, ctx: LaunchContext) -> dict[str, str]:
 def gpu_ids(spec: ModelSpec, ctx: LaunchContext) -> tuple[int, ...]:
     """The GPUs this start runs on: where placement put it, else the model's `gpu_id`."""
     return ctx.gpu_ids or spec.gpu_ids
+
+
+def gpu_flags(spec: ModelSpec, ctx: LaunchContext, tp: str, memory: str, sleep: str) -> list[str]:
+    """Tensor parallelism over the GPUs it runs on, its memory share, and sleep support,
+    in the engine's own flag spellings."""
+    flags = []
+    gpus = gpu_ids(spec, ctx)
+    if len(gpus) > 1:
+        flags += [tp, str(len(gpus))]
+    if spec.gpu_memory is not None:
+        flags += [memory, f"{spec.gpu_memory:g}"]
+    if spec.on_idle == "sleep":
+        flags.append(sleep)
+    return flags

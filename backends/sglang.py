@@ -11,7 +11,7 @@ from backends.base import (
     SleepRoutes,
     ask_keep_alive,
     engine_env,
-    gpu_ids,
+    gpu_flags,
 )
 from config.models import ModelSpec
 
@@ -41,12 +41,7 @@ class SGLangBackend:
             argv += ["--quantization", "awq"]
         if spec.type in ("embedding", "reranker"):
             argv += ["--is-embedding"]
-        if len(gpu_ids(spec, ctx)) > 1:
-            argv += ["--tp-size", str(len(gpu_ids(spec, ctx)))]
-        if spec.gpu_memory is not None:
-            argv += ["--mem-fraction-static", f"{spec.gpu_memory:g}"]
-        if spec.on_idle == "sleep":
-            argv += ["--enable-memory-saver"]
+        argv += gpu_flags(spec, ctx, "--tp-size", "--mem-fraction-static", "--enable-memory-saver")
         if ctx.api_key:  # SGLang takes it only as a flag; the daemon redacts it from logs
             argv += ["--api-key", ctx.api_key]
         argv += spec.args

@@ -11,7 +11,7 @@ from backends.base import (
     SleepRoutes,
     ask_keep_alive,
     engine_env,
-    gpu_ids,
+    gpu_flags,
 )
 from config.models import ModelSpec
 
@@ -39,12 +39,9 @@ class VLLMBackend:
         if spec.type in ("embedding", "reranker"):
             # `--task` is gone; pooling models use the pooling runner.
             argv += ["--runner", "pooling"]
-        if len(gpu_ids(spec, ctx)) > 1:
-            argv += ["--tensor-parallel-size", str(len(gpu_ids(spec, ctx)))]
-        if spec.gpu_memory is not None:
-            argv += ["--gpu-memory-utilization", f"{spec.gpu_memory:g}"]
-        if spec.on_idle == "sleep":
-            argv += ["--enable-sleep-mode"]
+        argv += gpu_flags(
+            spec, ctx, "--tensor-parallel-size", "--gpu-memory-utilization", "--enable-sleep-mode"
+        )
         argv += spec.args
         env = engine_env(spec, ctx)
         if spec.on_idle == "sleep":

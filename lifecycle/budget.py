@@ -71,6 +71,7 @@ class GpuBudget:
         self._engines = engines
         self._lock = asyncio.Lock()
         self._changed = asyncio.Event()
+        self._waiters = 0  # placements waiting for room (only they need to hear of changes)
 
     def configure(self, gpus: Sequence[Gpu]) -> None:
         """A reload's inventory (a changed `gpus:` declaration)."""
@@ -102,9 +103,12 @@ class GpuBudget:
         return not isinstance(self.decide(spec), Wait)
 
     def changed(self) -> None:
-        """Room may have appeared (a release, an engine gone idle): waiters plan again."""
-        self._changed.set()
-        self._changed = asyncio.Event()
+        """Room may have appeared (a release, an engine gone idle): waiters plan again.
+        Called at the end of every request on a GPU engine, so it costs nothing unless a
+        placement waits (a waiter takes the event and counts itself in the same step)."""
+        if self._waiters:
+            self._changed.set()
+            self._changed = asyncio.Event()
 
     def release(self, engine: Placeable) -> None:
         if engine.placed is not None:
@@ -124,10 +128,14 @@ class GpuBudget:
                     decision = self.decide(engine.spec)
                 if isinstance(decision, Place):
                     engine.placed = decision.gpus
-                    self.changed()
                     return decision.gpus
                 changed = self._changed
-            if not await self._wait(changed, abort, deadline):
+                self._waiters += 1
+            try:
+                woke = await self._wait(changed, abort, deadline)
+            finally:
+                self._waiters -= 1
+            if not woke:
                 if abort.is_set():
                     raise EngineStartError(engine.name, f"model '{engine.name}': start aborted", [])
                 raise EngineNoRoom(engine.name, self._no_room(engine.spec, decision), decision.holders)

@@ -386,7 +386,7 @@ class Engine:
             self._pending = None
             self.failures, self.retry_at = 0, None
             log.info("model '%s': new configuration applied", self.name)
-        elif self._state is EngineState.READY:
+        elif self._state in (EngineState.READY, EngineState.SLEEPING):
             log.info("model '%s': configuration changed, restarting it while idle", self.name)
             task = self._begin(self._run_stop(EngineState.STOPPED, None))
             task.add_done_callback(lambda _: self._apply_pending())
@@ -639,13 +639,7 @@ class Engine:
         assert routes is not None
         self._set(EngineState.SLEEPING)
         self._disarm_idle()
-        status, text = await self._services.prober.post(
-            self.base_url + routes.sleep, SLEEP_CALL_TIMEOUT, self.api_key, routes.body
-        )
-        if not 200 <= status < 300:
-            log.warning("engine '%s' did not sleep (%s %s): stopping it", self.name, status, text)
-            self.log.write(f"=== sleep refused ({status}): stopping")
-            await self._stop_from_sleep()
+        if not await self._call(routes.sleep, SLEEP_CALL_TIMEOUT, routes.body, "sleep"):
             return
         self.sleeps += 1
         self.log.write("=== asleep: GPU memory released")
@@ -662,14 +656,7 @@ class Engine:
         assert routes is not None
         self._disarm_idle()
         self._set(EngineState.WAKING)
-        timeout = self._services.settings.startup_timeout
-        status, text = await self._services.prober.post(
-            self.base_url + routes.wake, timeout, self.api_key, routes.body
-        )
-        if not 200 <= status < 300:
-            log.warning("engine '%s' did not wake (%s %s): stopping it", self.name, status, text)
-            self.log.write(f"=== wake failed ({status}): stopping")
-            await self._stop_from_sleep()
+        if not await self._call(routes.wake, self._services.settings.startup_timeout, routes.body, "wake"):
             return
         self.wakes += 1
         self._set(EngineState.READY)
@@ -677,6 +664,17 @@ class Engine:
         self.log.write("=== awake")
         if self.in_flight == 0:
             self._arm_idle()
+
+    async def _call(self, path: str, timeout: float, body: object, what: str) -> bool:
+        """POST the engine's sleep or wake route; on failure stop the engine (its memory must
+        be freed, and a request then starts it afresh) and say False."""
+        status, text = await self._services.prober.post(self.base_url + path, timeout, self.api_key, body)
+        if 200 <= status < 300:
+            return True
+        log.warning("engine '%s' did not %s (%s %s): stopping it", self.name, what, status, text)
+        self.log.write(f"=== {what} failed ({status}): stopping")
+        await self._stop_from_sleep()
+        return False
 
     async def _stop_from_sleep(self) -> None:
         self._set(EngineState.STOPPING)

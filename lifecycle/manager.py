@@ -54,6 +54,12 @@ class EngineManager:
             settings.max_loaded_models,
             lambda: list(self.engines.values()),
         )
+        shared = [m.name for m in registry.models.values() if m.gpu_managed and m.gpu_memory is not None]
+        if shared and not self.budget.gpus:
+            log.warning(
+                "no GPU is known (NVML sees none and models.yaml declares no gpus:): the memory shares "
+                "of %s are passed to the engines but cannot be checked", ", ".join(shared),
+            )  # fmt: skip
         self.pid_records = PidRecords(settings.run_dir)
         self._services = services = EngineServices(
             settings=settings,
