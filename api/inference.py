@@ -206,9 +206,9 @@ class InferenceEndpoint:
             policy=self.ctx.policy,
             disabled=self.ctx.registry.disabled,
             in_flight={spec.name: engine.in_flight},
-            # Only asked of a GPU engine that must start or wake (never on the hot path).
-            no_room=spec.gpu_managed and engine.state is not EngineState.READY
-            and spec.cpu_offload_model is not None and not manager.budget.has_room(spec),
+            # Only asked of a GPU model with a twin whose engine must start or wake.
+            no_room=spec.cpu_offload_model is not None and engine.state is not EngineState.READY
+            and spec.gpu_managed and not manager.budget.has_room(spec),
         )  # fmt: skip
         return manager.engines[route.target]
 

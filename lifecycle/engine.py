@@ -44,6 +44,7 @@ from backends.base import LOOPBACK, Backend, LaunchContext, SleepRoutes
 from config.models import EngineOverride, ModelSpec
 from config.settings import Settings, resolve_timeouts
 from lifecycle.budget import GpuBudget
+from lifecycle.gpus import describe_processes, gpu_processes
 from lifecycle.model_files import ModelFileError, ModelFiles
 from lifecycle.pidrecords import PidRecords
 from lifecycle.ports import free_port
@@ -164,6 +165,8 @@ class Engine:
         settings = self._services.settings
         self.spec = spec
         self.backend = backend
+        # Placed on the GPUs by the budget (a plain attribute: read at the end of every request).
+        self._budget = self._services.budget if spec.gpu_managed else None
         self._override = override
         self.timeouts = resolve_timeouts(spec.timeouts, settings)
         self.max_waiting = spec.max_queued_requests or settings.max_queued_requests
@@ -264,7 +267,8 @@ class Engine:
         self.last_used = time.time()
         if self.in_flight == 0:
             self._idle.set()
-            self._room_changed()
+            if self._budget is not None:
+                self._budget.changed()
             if self._pending is not None:
                 self._apply_pending()
             elif self._state is EngineState.READY:
@@ -283,8 +287,8 @@ class Engine:
             self._idle_handle = loop.call_later(self.sleep_timeout, self._on_sleep_timeout)
 
     def _room_changed(self) -> None:
-        if self._services.budget is not None and self.spec.gpu_managed:
-            self._services.budget.changed()
+        if self._budget is not None:
+            self._budget.changed()
 
     def _disarm_idle(self) -> None:
         if self._idle_handle is not None:
@@ -587,7 +591,7 @@ class Engine:
                     raise self._start_error("start aborted by a stop request")
                 if self._exited.done():
                     await self._drain_output()
-                    raise self._start_error(self._exit_reason(self._exited.result()))
+                    raise self._start_error(await self._exit_reason(self._exited.result()))
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise self._start_error(f"engine not ready after {timeout:.0f}s (STARTUP_TIMEOUT)")
@@ -599,13 +603,16 @@ class Engine:
         finally:
             aborted.cancel()
 
-    def _exit_reason(self, code: int) -> str:
-        """Why the start failed; an engine that ran out of GPU memory is said to have."""
+    async def _exit_reason(self, code: int) -> str:
+        """Why the start failed. An engine that ran out of GPU memory is said to have, with what
+        the daemon placed on its GPUs and, with NVML, every process using them."""
         said = "\n".join(self.log.tail(ERROR_TAIL_LINES)).lower()
-        if self.spec.gpu_managed and any(marker in said for marker in OUT_OF_MEMORY):
-            held = self._services.budget.describe(self.placed or ()) if self._services.budget else ""
-            return f"out of GPU memory: the engine exited with code {code} during start ({held})"
-        return f"engine exited with code {code} during start"
+        if not (self.spec.gpu_managed and any(marker in said for marker in OUT_OF_MEMORY)):
+            return f"engine exited with code {code} during start"
+        gpus = self.placed or self.spec.gpu_ids
+        held = self._services.budget.describe(gpus) if self._services.budget else ""
+        seen = describe_processes(await asyncio.to_thread(gpu_processes, gpus))
+        return f"out of GPU memory: the engine exited with code {code} during start ({held}{seen})"
 
     async def _drain_output(self) -> None:
         # The pipe may stay open if a child inherited it: do not wait long.

@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterable, Sequence
 
+import psutil
+
 from config.models import ConfigError, GpuDeclaration, ModelSpec, Registry
 from lifecycle.capacity import Gpu, never_fits
 
@@ -112,3 +114,41 @@ def gpus_for(registry: Registry, seen: Callable[[], list[dict[str, float]]] = nv
     if problems:
         raise ConfigError(registry.source, problems)
     return gpus
+
+
+def gpu_processes(gpu_ids: Iterable[int]) -> list[tuple[int, int, int]] | None:
+    """(gpu, pid, bytes) of every process NVML sees using `gpu_ids`; None without NVML."""
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError:
+        return None
+    try:
+        found = []
+        for gpu in gpu_ids:
+            handle = pynvml.nvmlDeviceGetHandleByIndex(gpu)
+            for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
+                found.append((gpu, int(proc.pid), int(proc.usedGpuMemory or 0)))
+        return found
+    except pynvml.NVMLError:
+        return None
+    finally:
+        with contextlib.suppress(pynvml.NVMLError):
+            pynvml.nvmlShutdown()
+
+
+def describe_processes(found: list[tuple[int, int, int]] | None) -> str:
+    """`found` (gpu_processes) for people: 'GPU 0: pid 812 (python) 20.5 GiB, ...'."""
+    if not found:
+        return ""
+    parts = []
+    for gpu, pid, used in found:
+        try:
+            name = psutil.Process(pid).name()
+        except psutil.Error:
+            name = "?"
+        parts.append(f"GPU {gpu}: pid {pid} ({name}) {used / GIB:.1f} GiB")
+    return "; NVML sees " + ", ".join(parts)
