@@ -35,7 +35,7 @@ from api.context import AppContext
 from api.disconnect import DisconnectGuard
 from api.errors import send_error
 from api.request_log import REQUEST_ID, access_log, request_id_from
-from backends.capabilities import ROUTES
+from backends.capabilities import ROUTES, SERVED_TYPES
 from config.models import ModelSpec
 from lifecycle.budget import EngineNoRoom
 from lifecycle.engine import Engine, Lease
@@ -59,17 +59,7 @@ from router.ticker import Ticker
 log = logging.getLogger(__name__)
 Scope = MutableMapping[str, Any]
 
-# Proxied path -> the model types that serve it.
-INFERENCE_PATHS: dict[str, frozenset[str]] = {
-    "/v1/completions": frozenset({"llm"}),
-    "/v1/chat/completions": frozenset({"llm"}),
-    "/v1/embeddings": frozenset({"embedding"}),
-    "/v1/rerank": frozenset({"reranker"}),
-    "/v1/score": frozenset({"reranker"}),
-    "/v1/responses": frozenset({"llm"}),
-    "/v1/tokenize": frozenset({"llm", "embedding"}),
-    "/v1/detokenize": frozenset({"llm", "embedding"}),
-}
+INFERENCE_PATHS = SERVED_TYPES  # proxied path -> the model types that serve it
 GENERATION_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})  # stream_options apply
 
 

@@ -83,6 +83,18 @@ def format_problem(backend: str, fmt: str) -> str | None:
 # ENDPOINT_NOT_SUPPORTED` otherwise) and which engines cannot cancel a non-streaming
 # request when its client leaves.
 
+# The daemon's proxied paths -> the model types that serve them.
+SERVED_TYPES: dict[str, frozenset[str]] = {
+    "/v1/completions": frozenset({"llm"}),
+    "/v1/chat/completions": frozenset({"llm"}),
+    "/v1/embeddings": frozenset({"embedding"}),
+    "/v1/rerank": frozenset({"reranker"}),
+    "/v1/score": frozenset({"reranker"}),
+    "/v1/responses": frozenset({"llm"}),
+    "/v1/tokenize": frozenset({"llm", "embedding"}),
+    "/v1/detokenize": frozenset({"llm", "embedding"}),
+}
+
 ENGINE_NAMES = {"llamacpp": "llama.cpp (llama-cpp-python)", "vllm": "vLLM", "sglang": "SGLang"}
 
 

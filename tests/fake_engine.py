@@ -63,6 +63,12 @@ def _bool(value: str) -> bool:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The real engines' flags, one sub-parser per dialect (held to the real parsers by
+    tests/contract/)."""
     p = argparse.ArgumentParser(prog="fake_engine")
     dialects = p.add_subparsers(dest="dialect", required=True)
 
@@ -108,7 +114,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     lc.add_argument("--n_ctx", type=int)
     lc.add_argument("--n_threads", type=int)
     lc.add_argument("--chat_format")
-    return p.parse_args(argv)
+    return p
 
 
 class Knobs:
@@ -153,19 +159,23 @@ class FakeEngine:
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._auth])
         r = app.router
-        for path in ("/health", "/health_generate", "/ready"):
-            r.add_get(path, self.health)
+        dialect = self.args.dialect
+        # Only routes the real engine has (tests/contract/ holds the fake to them); the
+        # fake's own live under /fake/.
+        r.add_get("/fake/stats", self.get_stats)
         r.add_get("/openapi.json", self.openapi)
         r.add_get("/v1/models", self.models)
-        r.add_get("/fake/stats", self.get_stats)
         r.add_post("/v1/completions", self.completions)
         r.add_post("/v1/chat/completions", self.completions)
         r.add_post("/v1/embeddings", self.embeddings)
-        r.add_post("/v1/rerank", self.rerank)
-        r.add_post("/flush_cache", self.flush_cache)
-        self.gpu.routes(app)
-        if self.args.dialect in ("sglang", "vllm"):  # llama-cpp-python serves neither
+        if dialect in ("sglang", "vllm"):  # llama-cpp-python has no health route, rerank, responses
+            r.add_get("/health", self.health)
+            r.add_post("/v1/rerank", self.rerank)
             r.add_post("/v1/responses", self.responses)
+        if dialect == "sglang":
+            r.add_get("/health_generate", self.health)
+            r.add_post("/flush_cache", self.flush_cache)
+        self.gpu.routes(app)
         # Tokenizers: vLLM /tokenize, SGLang /v1/tokenize (and /tokenize), llama-cpp-python /extras/.
         prefix = {"vllm": "", "sglang": "/v1", "llamacpp": "/extras"}[self.args.dialect]
         r.add_post(f"{prefix}/tokenize", self.tokenize)

@@ -22,6 +22,12 @@ CURLS = [b for b in re.findall(r"```bash\n(.*?)```", API, re.DOTALL) if b.starts
 PYTHON = re.findall(r"```python\n(.*?)```", API, re.DOTALL)
 
 
+def test_the_readme_carries_the_engine_contract_table() -> None:
+    from backends.contract import markdown
+
+    assert markdown() in (ROOT / "README.md").read_text()
+
+
 def test_the_readme_has_the_examples() -> None:
     assert len(CURLS) == 4 and len(PYTHON) == 1
 
