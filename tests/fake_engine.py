@@ -23,6 +23,9 @@ in models.yaml):
     FAKE_LOG_REQUESTS      1: print each /v1 request with its X-Request-ID
     FAKE_GPU_LEDGER        a file shared by the fake engines: GPU memory shares (tests/fake_gpu.py)
     FAKE_WAKE_DELAY        seconds a wake from sleep takes (tests/fake_gpu.py)
+    FAKE_PREFILL_DELAY     seconds to "prefill" a prompt whose prefix the engine has not seen;
+                           one it has seen (a later turn of the same conversation) starts at once,
+                           as with a KV prefix cache (SGLang's radix cache, vLLM's prefix caching)
 
 `GET /fake/stats` reports requests seen, in flight, the most ever in flight,
 streams cancelled by the client, tokens sent, the connections requests came
@@ -131,6 +134,7 @@ class Knobs:
         self.hang = env.get("FAKE_HANG", "")
         self.log_requests = env.get("FAKE_LOG_REQUESTS") == "1"
         self.children = int(env.get("FAKE_CHILDREN", "0"))
+        self.prefill_delay = float(env.get("FAKE_PREFILL_DELAY", "0"))
 
 
 class FakeEngine:
@@ -146,6 +150,9 @@ class FakeEngine:
         self.stats = {"requests": 0, "in_flight": 0, "max_in_flight": 0, "cancelled": 0}
         self.peers: set[object] = set()  # the client address of every connection a request came on
         self.tokens_sent = 0
+        self.prefixes: set[str] = set()  # the prompts it has prefilled (its "KV cache")
+        self.prefix_hits = 0
+        self.prefix_misses = 0
         self.last_headers: dict[str, str] = {}
 
     @staticmethod
@@ -217,6 +224,8 @@ class FakeEngine:
                 "tokens_sent": self.tokens_sent,
                 "last_headers": self.last_headers,
                 "sleeping": self.gpu.sleeping,
+                "prefix_hits": self.prefix_hits,
+                "prefix_misses": self.prefix_misses,
                 **self.gpu.stats,
             }
         )
@@ -255,6 +264,7 @@ class FakeEngine:
         usage = {"prompt_tokens": proto.prompt_tokens(req), "completion_tokens": n}
         usage["total_tokens"] = usage["prompt_tokens"] + n
         try:
+            await self._prefill(req, chat)
             if req.stream:
                 return await self._stream(request, req, chat, n, usage)
             try:
@@ -266,6 +276,28 @@ class FakeEngine:
             return web.json_response(self._completion(req, chat, n, usage))
         finally:
             self.stats["in_flight"] -= 1
+
+    async def _prefill(self, req: Any, chat: bool) -> None:
+        """With FAKE_PREFILL_DELAY: a prompt that extends one already seen is cached (fast); any
+        other pays the delay. Chat: any earlier part of the conversation seen; completions: a
+        prompt it extends."""
+        if not self.knobs.prefill_delay:
+            return
+        if chat:
+            turns = [json.dumps(m.model_dump(), sort_keys=True) for m in req.messages]
+            # a conversation it has prefilled before (the earlier turns: the engine cached
+            # them, and the reply it generated, which the client sends back)
+            cached = any("\x1e".join(turns[:i]) in self.prefixes for i in range(1, len(turns)))
+            self.prefixes.update("\x1e".join(turns[: i + 1]) for i in range(len(turns)))
+        else:
+            prompt = str(req.prompt)
+            cached = any(prompt.startswith(p) for p in self.prefixes)
+            self.prefixes.add(prompt)
+        if cached:
+            self.prefix_hits += 1
+        else:
+            self.prefix_misses += 1
+            await asyncio.sleep(self.knobs.prefill_delay)
 
     async def _emit_token(self) -> None:
         if self.knobs.token_delay:
