@@ -412,3 +412,41 @@ def test_an_operator_sleeps_an_idle_engine(daemon_for: Any, tmp_path: Path) -> N
         assert ledger(tmp_path).get("0", {}) == {}
         assert c.post("/v1/admin/models/s/sleep").json()["state"] == "sleeping"  # already asleep: as it is
         assert ask(c, "s").status_code == 200 and rows(c)["s"]["wakes"] == 1
+
+
+def test_a_model_that_can_never_fit_stops_the_daemon_and_a_reload(daemon_for: Any, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    import yaml
+
+    from tests.helpers import ROOT
+
+    bad = gpu_doc(tmp_path, fake_model("a", gpu_id=1, gpu_memory=0.5))  # one GPU declared: GPU 0
+    config = tmp_path / "bad.yaml"
+    config.write_text(yaml.safe_dump(bad))
+    environ = {"PATH": "/usr/bin:/bin", "MODELS_CONFIG_PATH": str(config), "HOME": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "main.py"], cwd=ROOT, env=environ, capture_output=True, text=True,
+                          timeout=60)  # fmt: skip
+    assert proc.returncode == 2
+    assert f"{config}: models[0] 'a': gpu_id: GPU 1 is not present (GPUs: 0)" in proc.stderr
+
+    good = gpu_doc(tmp_path, fake_model("a", gpu_id=0, gpu_memory=0.5))
+    daemon: Daemon = daemon_for(good).start()
+    with daemon.client() as c:
+        assert ask(c, "a").status_code == 200
+        # A reload that pins a model the card cannot hold beside another pinned one changes nothing.
+        pinned = [fake_model(n, gpu_id=0, gpu_memory=0.6, pinned=True) for n in ("p", "q")]
+        daemon.config.write_text(
+            yaml.safe_dump(gpu_doc(tmp_path, fake_model("a", gpu_id=0, gpu_memory=0.5), *pinned))
+        )
+        resp = c.post("/v1/admin/reload")
+        assert resp.status_code == 400 and resp.json()["error"]["code"] == "INVALID_CONFIG"
+        assert any("'p' (0.6)" in p and "over GPU 0's budget" in p for p in resp.json()["error"]["problems"])
+        assert set(rows(c)) == {"a"}
+        # A reload that declares a second GPU takes effect: a model for it can start.
+        doc = gpu_doc(tmp_path, fake_model("a", gpu_id=0, gpu_memory=0.5), fake_model("b", gpu_id=1), gpus=2)
+        daemon.config.write_text(yaml.safe_dump(doc))
+        assert c.post("/v1/admin/reload").status_code == 200
+        assert ask(c, "b").status_code == 200 and rows(c)["b"]["gpu_ids"] == [1]
+        assert [g["id"] for g in c.get("/v1/status").json()["gpus"]] == [0, 1]
