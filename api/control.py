@@ -14,12 +14,20 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from api.context import AppContext
 from api.reload import reload_registry
 from config.models import ModelSpec
+from lifecycle.budget import EngineNoRoom
 from lifecycle.capacity import reserved
 from lifecycle.engine import Engine
 from lifecycle.gpus import process_memory
 from lifecycle.process import descendants
 from lifecycle.state import EngineError, EngineState
-from router.errors import Conflict, FormatNotSupported, InvalidRequest, ModelNotFound, ModelUnavailable
+from router.errors import (
+    Conflict,
+    FormatNotSupported,
+    GpuOverloaded,
+    InvalidRequest,
+    ModelNotFound,
+    ModelUnavailable,
+)
 from router.policy import choose_route
 
 
@@ -169,6 +177,8 @@ async def admin_start(request: Request, name: str) -> JSONResponse:
         raise ModelUnavailable(f"Model '{name}' runs on GPU and the daemon runs in cpu execution mode")
     try:
         await engine.ensure_ready(force=True)
+    except EngineNoRoom as exc:
+        raise GpuOverloaded(exc.message, retry_after=exc.retry_after, holders=exc.holders) from exc
     except EngineError as exc:
         raise ModelUnavailable(exc.message) from exc
     return JSONResponse(_status_row(engine))

@@ -189,6 +189,8 @@ async def test_past_the_wait_a_request_gets_429_naming_the_busy_holders(
         assert status["c"]["state"] == "stopped" and status["c"]["failures"] == 0, (
             "no back-off for a full card"
         )
+        warm = await c.post("/v1/admin/models/c/start")  # an operator's start is refused the same way
+        assert warm.status_code == 429 and warm.json()["error"]["holders"] == ["a", "b"]
 
 
 def test_an_idle_engine_sleeps_keeps_its_process_and_wakes_once(daemon_for: Any, tmp_path: Path) -> None:
