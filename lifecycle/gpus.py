@@ -1,46 +1,89 @@
-"""GPU discovery through NVML (nvidia-ml-py); no GPU or no driver means none."""
+"""GPUs: what NVML (nvidia-ml-py) sees, and the inventory placement uses.
+
+Without the package, a driver or a GPU, every NVML reader answers "nothing" (an empty list or
+None), never an error: the daemon runs on CPU-only machines.
+"""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable, Sequence
+from typing import Any, TypeVar
 
 import psutil
 
 from config.models import ConfigError, GpuDeclaration, ModelSpec, Registry
 from lifecycle.capacity import Gpu, never_fits
 
+T = TypeVar("T")
+GIB = 1 << 30
 
-def nvml_gpus() -> list[dict[str, float]]:
-    """Index, memory used/total (bytes) and utilisation (0..1) per GPU; empty without NVML."""
+
+def _nvml(read: Callable[[Any], T]) -> T | None:
+    """`read(pynvml)` between nvmlInit and nvmlShutdown; None without NVML or on its errors."""
     try:
         import pynvml
     except ImportError:
-        return []
+        return None
     try:
         pynvml.nvmlInit()
     except pynvml.NVMLError:
-        return []
+        return None
     try:
-        gpus = []
-        for i in range(pynvml.nvmlDeviceGetCount()):
-            handle = pynvml.nvmlDeviceGetHandleByIndex(i)
-            memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
-            util = pynvml.nvmlDeviceGetUtilizationRates(handle)
-            gpus.append({"index": i, "used": memory.used, "total": memory.total, "util": util.gpu / 100})
-        return gpus
+        return read(pynvml)
     except pynvml.NVMLError:
-        return []
+        return None
     finally:
         with contextlib.suppress(pynvml.NVMLError):
             pynvml.nvmlShutdown()
+
+
+def nvml_gpus() -> list[dict[str, float]]:
+    """Index, memory used/total (bytes) and utilisation (0..1) per GPU; empty without NVML."""
+
+    def read(nvml: Any) -> list[dict[str, float]]:
+        gpus = []
+        for i in range(nvml.nvmlDeviceGetCount()):
+            handle = nvml.nvmlDeviceGetHandleByIndex(i)
+            memory = nvml.nvmlDeviceGetMemoryInfo(handle)
+            util = nvml.nvmlDeviceGetUtilizationRates(handle)
+            gpus.append({"index": i, "used": memory.used, "total": memory.total, "util": util.gpu / 100})
+        return gpus
+
+    return _nvml(read) or []
 
 
 def nvml_gpu_count() -> int:
     return len(nvml_gpus())
 
 
-GIB = 1 << 30
+def gpu_processes(gpu_ids: Iterable[int]) -> list[tuple[int, int, int]] | None:
+    """(gpu, pid, bytes) of every process NVML sees using `gpu_ids`; None without NVML."""
+
+    def read(nvml: Any) -> list[tuple[int, int, int]]:
+        found = []
+        for gpu in gpu_ids:
+            handle = nvml.nvmlDeviceGetHandleByIndex(gpu)
+            for proc in nvml.nvmlDeviceGetComputeRunningProcesses(handle):
+                found.append((gpu, int(proc.pid), int(proc.usedGpuMemory or 0)))
+        return found
+
+    return _nvml(read)
+
+
+def process_memory(pids: Iterable[int]) -> int | None:
+    """GPU memory (bytes) the processes `pids` use on every GPU, per NVML; None without NVML."""
+    wanted = set(pids)
+
+    def read(nvml: Any) -> int:
+        used = 0
+        for i in range(nvml.nvmlDeviceGetCount()):
+            for proc in nvml.nvmlDeviceGetComputeRunningProcesses(nvml.nvmlDeviceGetHandleByIndex(i)):
+                if proc.pid in wanted and proc.usedGpuMemory is not None:
+                    used += int(proc.usedGpuMemory)
+        return used
+
+    return _nvml(read)
 
 
 def inventory(
@@ -77,32 +120,6 @@ def placement_problems(models: Iterable[ModelSpec], gpus: Sequence[Gpu]) -> list
     return problems
 
 
-def process_memory(pids: Iterable[int]) -> int | None:
-    """GPU memory (bytes) the processes `pids` use on every GPU, per NVML; None without NVML."""
-    try:
-        import pynvml
-    except ImportError:
-        return None
-    try:
-        pynvml.nvmlInit()
-    except pynvml.NVMLError:
-        return None
-    wanted = set(pids)
-    try:
-        used = 0
-        for i in range(pynvml.nvmlDeviceGetCount()):
-            handle = pynvml.nvmlDeviceGetHandleByIndex(i)
-            for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
-                if proc.pid in wanted and proc.usedGpuMemory is not None:
-                    used += int(proc.usedGpuMemory)
-        return used
-    except pynvml.NVMLError:
-        return None
-    finally:
-        with contextlib.suppress(pynvml.NVMLError):
-            pynvml.nvmlShutdown()
-
-
 def gpus_for(registry: Registry, seen: Callable[[], list[dict[str, float]]] = nvml_gpus) -> list[Gpu]:
     """The GPUs for this registry; ConfigError for a declaration the driver contradicts or
     a model that can never be placed."""
@@ -114,30 +131,6 @@ def gpus_for(registry: Registry, seen: Callable[[], list[dict[str, float]]] = nv
     if problems:
         raise ConfigError(registry.source, problems)
     return gpus
-
-
-def gpu_processes(gpu_ids: Iterable[int]) -> list[tuple[int, int, int]] | None:
-    """(gpu, pid, bytes) of every process NVML sees using `gpu_ids`; None without NVML."""
-    try:
-        import pynvml
-    except ImportError:
-        return None
-    try:
-        pynvml.nvmlInit()
-    except pynvml.NVMLError:
-        return None
-    try:
-        found = []
-        for gpu in gpu_ids:
-            handle = pynvml.nvmlDeviceGetHandleByIndex(gpu)
-            for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
-                found.append((gpu, int(proc.pid), int(proc.usedGpuMemory or 0)))
-        return found
-    except pynvml.NVMLError:
-        return None
-    finally:
-        with contextlib.suppress(pynvml.NVMLError):
-            pynvml.nvmlShutdown()
 
 
 def describe_processes(found: list[tuple[int, int, int]] | None) -> str:
