@@ -452,3 +452,39 @@ def test_a_model_that_can_never_fit_stops_the_daemon_and_a_reload(daemon_for: An
         assert c.post("/v1/admin/reload").status_code == 200
         assert ask(c, "b").status_code == 200 and rows(c)["b"]["gpu_ids"] == [1]
         assert [g["id"] for g in c.get("/v1/status").json()["gpus"]] == [0, 1]
+
+
+async def test_concurrent_requests_across_more_models_than_fit_never_run_out_of_memory(
+    daemon_for: Any, tmp_path: Path
+) -> None:
+    """Six clients, random models, short streams: evictions race requests taking leases."""
+    pace = {"FAKE_TOKEN_DELAY": "0.01"}
+    models = [fake_model(n, gpu_id=0, gpu_memory=0.45, env=pace) for n in ("a", "b", "c")]
+    models.append(fake_model("s", backend="vllm", gpu_id=0, gpu_memory=0.45, on_idle="sleep", env=pace))
+    daemon: Daemon = daemon_for(gpu_doc(tmp_path, *models), OFFLOAD_QUEUE_THRESHOLD="100").start()
+    rng = random.Random(7)
+    plan = [[rng.choice("abcs") for _ in range(12)] for _ in range(6)]
+    async with httpx.AsyncClient(base_url=daemon.url, timeout=60) as c:
+
+        async def client(models: list[str]) -> list[int]:
+            codes = []
+            for model in models:
+                body = {"model": model, "prompt": "x", "max_tokens": rng.randint(1, 20), "stream": True}
+                async with c.stream("POST", "/v1/completions", json=body) as resp:
+                    text = (await resp.aread()).decode()
+                    codes.append(resp.status_code if "[DONE]" in text else -resp.status_code)
+            return codes
+
+        results = await asyncio.gather(*(client(p) for p in plan))
+        status = (await c.get("/v1/status")).json()
+        metrics = (await c.get("/metrics")).text
+    assert [code for codes in results for code in codes] == [200] * 72
+    assert all(r["failures"] == 0 and r["last_error"] is None for r in status["models"]), status["models"]
+    assert status["gpus"][0]["share_reserved"] <= 0.9 + 1e-9
+    evictions = sum(counter(metrics, "unified_inference_engine_evictions_total", model=m, action=a)
+                    for m in "abcs" for a in ("stop", "sleep"))  # fmt: skip
+    wakes = counter(metrics, "unified_inference_engine_wakes_total", model="s")
+    print(
+        f"evictions {evictions:.0f}, wakes {wakes:.0f}, starts {sum(r['starts'] for r in status['models'])}"
+    )
+    assert evictions >= 5
