@@ -17,8 +17,7 @@ from config.models import ModelSpec
 from lifecycle.budget import EngineNoRoom
 from lifecycle.capacity import reserved
 from lifecycle.engine import Engine
-from lifecycle.gpus import process_memory
-from lifecycle.process import descendants
+from lifecycle.gpus import group_memory
 from lifecycle.state import EngineError, EngineState
 from router.errors import (
     Conflict,
@@ -61,8 +60,7 @@ def _model_card(ctx: AppContext, spec: ModelSpec) -> dict[str, Any]:
     return card
 
 
-def _status_row(engine: Engine, measured: bool = False) -> dict[str, Any]:
-    """One engine's row; `measured` adds its GPU memory per NVML (null without NVML)."""
+def _status_row(engine: Engine) -> dict[str, Any]:
     s = engine.status()
     row = {
         "name": s.name,
@@ -84,8 +82,6 @@ def _status_row(engine: Engine, measured: bool = False) -> dict[str, Any]:
         "sleeps": s.sleeps,
         "wakes": s.wakes,
     }
-    if measured and s.pid is not None and s.gpu_memory is not None:
-        row["gpu_memory_bytes"] = process_memory([s.pid, *(p.pid for p in descendants(s.pid))])
     return row
 
 
@@ -132,8 +128,11 @@ async def list_models(request: Request, model: str | None = None) -> dict[str, A
 @get("/v1/status")
 async def status(request: Request) -> dict[str, Any]:
     ctx = _ctx(request)
-    engines = list(ctx.manager.engines.values())
-    rows = await asyncio.to_thread(lambda: [_status_row(e, measured=True) for e in engines])  # NVML blocks
+    rows = [_status_row(e) for e in ctx.manager.engines.values()]  # one consistent snapshot
+    leaders = {r["name"]: r["pid"] for r in rows if r["pid"] is not None and r["gpu_memory"] is not None}
+    measured = await asyncio.to_thread(group_memory, leaders) if leaders else None  # NVML blocks
+    for row in rows:
+        row["gpu_memory_bytes"] = measured.get(row["name"]) if measured is not None else None
     return {
         "execution_mode": ctx.execution_mode,
         "max_loaded_models": ctx.settings.max_loaded_models,

@@ -7,13 +7,14 @@ None), never an error: the daemon runs on CPU-only machines.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import psutil
 
 from config.models import ConfigError, GpuDeclaration, ModelSpec, Registry
 from lifecycle.capacity import Gpu, never_fits
+from lifecycle.process import descendants
 
 T = TypeVar("T")
 GIB = 1 << 30
@@ -71,16 +72,18 @@ def gpu_processes(gpu_ids: Iterable[int]) -> list[tuple[int, int, int]] | None:
     return _nvml(read)
 
 
-def process_memory(pids: Iterable[int]) -> int | None:
-    """GPU memory (bytes) the processes `pids` use on every GPU, per NVML; None without NVML."""
-    wanted = set(pids)
+def group_memory(leaders: Mapping[str, int]) -> dict[str, int] | None:
+    """GPU memory (bytes) of each engine's whole process group — its leader's pid and every
+    descendant — in one NVML session; None without NVML. Blocks: call it off the event loop."""
+    groups = {name: {pid, *(p.pid for p in descendants(pid))} for name, pid in leaders.items()}
 
-    def read(nvml: Any) -> int:
-        used = 0
+    def read(nvml: Any) -> dict[str, int]:
+        used = dict.fromkeys(groups, 0)
         for i in range(nvml.nvmlDeviceGetCount()):
             for proc in nvml.nvmlDeviceGetComputeRunningProcesses(nvml.nvmlDeviceGetHandleByIndex(i)):
-                if proc.pid in wanted and proc.usedGpuMemory is not None:
-                    used += int(proc.usedGpuMemory)
+                for name, pids in groups.items():
+                    if proc.pid in pids and proc.usedGpuMemory is not None:
+                        used[name] += int(proc.usedGpuMemory)
         return used
 
     return _nvml(read)
