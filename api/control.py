@@ -17,7 +17,7 @@ from config.models import ModelSpec
 from lifecycle.budget import EngineNoRoom
 from lifecycle.capacity import reserved
 from lifecycle.engine import Engine
-from lifecycle.gpus import group_memory
+from lifecycle.gpus import group_memory, nvml_present
 from lifecycle.state import EngineError, EngineState
 from router.errors import (
     Conflict,
@@ -130,7 +130,9 @@ async def status(request: Request) -> dict[str, Any]:
     ctx = _ctx(request)
     rows = [_status_row(e) for e in ctx.manager.engines.values()]  # one consistent snapshot
     leaders = {r["name"]: r["pid"] for r in rows if r["pid"] is not None and r["gpu_memory"] is not None}
-    measured = await asyncio.to_thread(group_memory, leaders) if leaders else None  # NVML blocks
+    measured = None
+    if leaders and nvml_present():  # NVML calls block: off the event loop
+        measured = await asyncio.to_thread(group_memory, leaders)
     for row in rows:
         row["gpu_memory_bytes"] = measured.get(row["name"]) if measured is not None else None
     return {

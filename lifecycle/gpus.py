@@ -7,6 +7,7 @@ None), never an error: the daemon runs on CPU-only machines.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -37,6 +38,12 @@ def _nvml(read: Callable[[Any], T]) -> T | None:
     finally:
         with contextlib.suppress(pynvml.NVMLError):
             pynvml.nvmlShutdown()
+
+
+@functools.cache
+def nvml_present() -> bool:
+    """Whether NVML answers on this machine (asked once: a driver does not come and go)."""
+    return _nvml(lambda nvml: True) is True
 
 
 def nvml_gpus() -> list[dict[str, float]]:
@@ -75,9 +82,10 @@ def gpu_processes(gpu_ids: Iterable[int]) -> list[tuple[int, int, int]] | None:
 def group_memory(leaders: Mapping[str, int]) -> dict[str, int] | None:
     """GPU memory (bytes) of each engine's whole process group — its leader's pid and every
     descendant — in one NVML session; None without NVML. Blocks: call it off the event loop."""
-    groups = {name: {pid, *(p.pid for p in descendants(pid))} for name, pid in leaders.items()}
 
     def read(nvml: Any) -> dict[str, int]:
+        # Only once NVML answers: listing descendants scans every process on the machine.
+        groups = {name: {pid, *(p.pid for p in descendants(pid))} for name, pid in leaders.items()}
         used = dict.fromkeys(groups, 0)
         for i in range(nvml.nvmlDeviceGetCount()):
             for proc in nvml.nvmlDeviceGetComputeRunningProcesses(nvml.nvmlDeviceGetHandleByIndex(i)):
