@@ -86,3 +86,12 @@ def test_the_fake_accepts_no_flag_and_serves_no_route_the_real_engine_lacks() ->
     assert sorted(fake.options("sglang") - real) == []
     served = fake.routes(["sglang", "--model-path", "m", "--enable-memory-saver"], {})
     assert unserved(app, served) == []
+
+
+def test_the_memory_saver_behind_on_idle_sleep_is_installed_with_sglang() -> None:
+    """--enable-memory-saver needs the torch_memory_saver package; without it SGLang's adapter
+    raises at start. It comes with sglang 0.5.23's own requirements."""
+    from sglang.srt.utils.torch_memory_saver_adapter import TorchMemorySaverAdapter
+
+    assert TorchMemorySaverAdapter.create(enable=True).enabled is True
+    assert TorchMemorySaverAdapter.create(enable=False).enabled is False  # what the routes use without it
