@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
+from dataclasses import asdict
 from typing import Any
 
 from fastapi import APIRouter, Query, Request
@@ -61,28 +62,9 @@ def _model_card(ctx: AppContext, spec: ModelSpec) -> dict[str, Any]:
 
 
 def _status_row(engine: Engine) -> dict[str, Any]:
+    """The engine's EngineStatus as JSON; `gpu_memory_bytes` is filled in by /v1/status."""
     s = engine.status()
-    row = {
-        "name": s.name,
-        "backend": s.backend,
-        "state": s.state.value,
-        "pid": s.pid,
-        "port": s.port,
-        "in_flight": s.in_flight,
-        "draining": s.draining,
-        "starts": s.starts,
-        "last_used": s.last_used,
-        "failures": s.failures,
-        "last_error": s.last_error,
-        "retry_at": s.retry_at,
-        "gpu_ids": list(s.gpu_ids),
-        "gpu_memory": s.gpu_memory,
-        "gpu_memory_bytes": None,
-        "pinned": s.pinned,
-        "sleeps": s.sleeps,
-        "wakes": s.wakes,
-    }
-    return row
+    return {**asdict(s), "state": s.state.value, "gpu_ids": list(s.gpu_ids), "gpu_memory_bytes": None}
 
 
 def _gpu_rows(ctx: AppContext) -> list[dict[str, Any]]:

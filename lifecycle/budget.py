@@ -53,7 +53,6 @@ class Placeable(Protocol):
     spec: ModelSpec
     placed: tuple[int, ...] | None
     last_used: float | None
-    in_flight: int
 
     @property
     def name(self) -> str: ...
@@ -152,7 +151,7 @@ class GpuBudget:
         if tasks:
             wait = max(1.0, min(EVICTION_WAIT, deadline - time.monotonic()))
             await asyncio.wait([asyncio.ensure_future(asyncio.shield(t)) for t in tasks], timeout=wait)
-        else:  # every victim took a request meanwhile: let the loop turn, then plan again
+        else:  # cannot happen (the plan and the evictions share one step); never spin the loop
             await asyncio.sleep(0)
 
     @staticmethod

@@ -242,7 +242,6 @@ class Engine:
             gpu_ids=self.placed if self.placed is not None else self.spec.gpu_ids,
             gpu_memory=self.spec.share if self.spec.gpu_managed else None,
             pinned=self.spec.pinned,
-            holds_gpu=self.placed is not None,
             sleeps=self.sleeps,
             wakes=self.wakes,
         )
@@ -267,8 +266,7 @@ class Engine:
         self.last_used = time.time()
         if self.in_flight == 0:
             self._idle.set()
-            if self._budget is not None:
-                self._budget.changed()
+            self._room_changed()
             if self._pending is not None:
                 self._apply_pending()
             elif self._state is EngineState.READY:
@@ -499,10 +497,9 @@ class Engine:
 
     async def _place(self, began: float) -> None:
         """Reserve room on the GPUs (evicting idle engines if need be) before taking any."""
-        budget = self._services.budget
-        if budget is not None and self.spec.gpu_managed and self.placed is None:
+        if self._budget is not None and self.placed is None:
             timeout = self._services.settings.startup_timeout
-            await budget.reserve(self, max(0.0, began + timeout - time.monotonic()), self._abort)
+            await self._budget.reserve(self, max(0.0, began + timeout - time.monotonic()), self._abort)
 
     async def _run_start(self) -> None:
         began = time.monotonic()
@@ -610,7 +607,7 @@ class Engine:
         if not (self.spec.gpu_managed and any(marker in said for marker in OUT_OF_MEMORY)):
             return f"engine exited with code {code} during start"
         gpus = self.placed or self.spec.gpu_ids
-        held = self._services.budget.describe(gpus) if self._services.budget else ""
+        held = self._budget.describe(gpus) if self._budget is not None else ""
         seen = describe_processes(await asyncio.to_thread(gpu_processes, gpus))
         return f"out of GPU memory: the engine exited with code {code} during start ({held}{seen})"
 
@@ -650,8 +647,8 @@ class Engine:
             return
         self.sleeps += 1
         self.log.write("=== asleep: GPU memory released")
-        if self._services.budget is not None:
-            self._services.budget.release(self)
+        if self._budget is not None:
+            self._budget.release(self)
         self._arm_sleep_timeout()
 
     async def _run_wake(self) -> None:
@@ -659,7 +656,7 @@ class Engine:
         engine; the request that woke it then starts it afresh (ensure_ready loops)."""
         began = time.monotonic()
         await self._place(began)
-        routes = self._sleep_routes or self.backend.sleep_routes
+        routes = self._sleep_routes  # the entry cannot change while asleep: a change stops it
         assert routes is not None
         self._disarm_idle()
         self._set(EngineState.WAKING)
@@ -680,15 +677,8 @@ class Engine:
             return True
         log.warning("engine '%s' did not %s (%s %s): stopping it", self.name, what, status, text)
         self.log.write(f"=== {what} failed ({status}): stopping")
-        await self._stop_from_sleep()
+        await self._run_stop(EngineState.STOPPED, None)  # within this transition's task
         return False
-
-    async def _stop_from_sleep(self) -> None:
-        self._set(EngineState.STOPPING)
-        await self._terminate()
-        self._ready_since = None
-        self._set(EngineState.STOPPED)
-        self._services.events.stopped(self.name, self.spec.backend)
 
     async def _terminate(self) -> None:
         """Stop the process group (SIGTERM, grace, SIGKILL) and forget the process."""

@@ -112,7 +112,6 @@ class EngineStatus:
     gpu_ids: tuple[int, ...] = ()  # where it runs (placed), or its gpu_id while not placed
     gpu_memory: float | None = None  # its share of each of those GPUs (GPU engines only)
     pinned: bool = False
-    holds_gpu: bool = False  # its share is reserved now
     sleeps: int = 0
     wakes: int = 0
 

@@ -11,14 +11,7 @@ from pathlib import Path
 import httpx
 
 from lifecycle.ports import free_port
-from tests.helpers import FAKE_ENGINE, wait_until
-
-
-def _up(url: str) -> bool:
-    try:
-        return httpx.get(url + "/health", timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
+from tests.helpers import FAKE_ENGINE, engine_up, wait_until
 
 
 def test_a_later_turn_of_a_seen_conversation_hits_the_prefix_cache(tmp_path: Path) -> None:
@@ -28,7 +21,7 @@ def test_a_later_turn_of_a_seen_conversation_hits_the_prefix_cache(tmp_path: Pat
     proc = subprocess.Popen(argv, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_until(lambda: _up(url), 15)
+        wait_until(lambda: engine_up(url), 15)
         first = [{"role": "user", "content": "hello"}]
         second = [*first, {"role": "assistant", "content": "hi"}, {"role": "user", "content": "more"}]
         other = [{"role": "user", "content": "something else"}]
