@@ -36,6 +36,9 @@ def build(settings: Settings) -> AppContext:
     mode = resolve_execution_mode(settings.execution_mode, nvml_gpu_count())
     metrics = Metrics()
     manager = EngineManager(registry, settings, engine_base_env(), events=metrics)
+    manager.may_start = lambda spec: (
+        spec.name not in manager.registry.disabled and not (mode == "cpu" and spec.execution_mode == "gpu")
+    )
     metrics.watch(manager)
     admin_key = settings.admin_api_key.get_secret_value() if settings.admin_api_key else None
     keys = load_keys(settings.api_keys.get_secret_value(), settings.api_keys_file, admin_key)

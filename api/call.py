@@ -25,7 +25,8 @@ class Call:
     """One request, from its first byte to its access-log line."""
 
     __slots__ = ("admission", "backend", "base64", "body", "engine_path", "id_header", "metered", "model",
-                 "payload", "relay", "request_id", "requested", "rewritten", "send", "t0")  # fmt: skip
+                 "payload", "relay", "request_id", "requested", "rewritten", "send", "session",
+                 "t0")  # fmt: skip
 
     def __init__(self, send: Send, request_id: str, t0: float) -> None:
         self.send = send
@@ -43,6 +44,7 @@ class Call:
         self.relay: Relay | None = None
         self.engine_path = ""  # the path the chosen engine serves the route at
         self.base64 = False  # the client asked for base64 embeddings, which the engine lacks
+        self.session: bytes | None = None  # X-Session-ID: the affinity key for prefix_affinity
 
 
 def fit(call: Call, engine: Engine, route: EngineRoute | None, path: str, limits: Limits,

@@ -17,9 +17,9 @@ from api.reload import reload_registry
 from config.models import ModelSpec
 from lifecycle.budget import EngineNoRoom
 from lifecycle.capacity import reserved
-from lifecycle.engine import Engine
 from lifecycle.gpus import group_memory, nvml_present
-from lifecycle.state import EngineError, EngineState
+from lifecycle.replicas import ReplicaSet
+from lifecycle.state import EngineError, EngineState, EngineStatus
 from router.errors import (
     Conflict,
     FormatNotSupported,
@@ -36,15 +36,15 @@ def _ctx(request: Request) -> AppContext:
     return ctx
 
 
-def _engine(ctx: AppContext, name: str) -> Engine:
-    engine = ctx.manager.get(name)
-    if engine is None:
+def _replicas(ctx: AppContext, name: str) -> ReplicaSet:
+    replicas = ctx.manager.models.get(name)
+    if replicas is None:
         raise ModelNotFound(name, ctx.registry.names)
-    return engine
+    return replicas
 
 
 def _model_card(ctx: AppContext, spec: ModelSpec) -> dict[str, Any]:
-    engine = ctx.manager.engines[spec.name]
+    engine = ctx.manager.models[spec.name]
     card: dict[str, Any] = {
         "id": spec.name,
         "object": "model",
@@ -61,10 +61,27 @@ def _model_card(ctx: AppContext, spec: ModelSpec) -> dict[str, Any]:
     return card
 
 
-def _status_row(engine: Engine) -> dict[str, Any]:
-    """The engine's EngineStatus as JSON; `gpu_memory_bytes` is filled in by /v1/status."""
-    s = engine.status()
+def _engine_row(s: EngineStatus) -> dict[str, Any]:
+    """An EngineStatus as JSON; `gpu_memory_bytes` is filled in by /v1/status."""
     return {**asdict(s), "state": s.state.value, "gpu_ids": list(s.gpu_ids), "gpu_memory_bytes": None}
+
+
+def _status_row(replicas: ReplicaSet) -> dict[str, Any]:
+    """A model's row: its one engine's fields (with replicas: the sums, the best state, the
+    first running replica's pid and port, every GPU used), and `replicas`, one row each."""
+    rows = [_engine_row(s) for s in replicas.statuses()]
+    if len(rows) == 1:
+        return {**rows[0], "replicas": rows}
+    running = [r for r in rows if r["pid"] is not None] or rows
+    row = {**running[0], "state": replicas.state.value}
+    for field in ("in_flight", "starts", "failures", "sleeps", "wakes"):
+        row[field] = sum(r[field] for r in rows)
+    row["draining"] = any(r["draining"] for r in rows)
+    row["gpu_ids"] = sorted({g for r in rows for g in r["gpu_ids"]})
+    used = [r["last_used"] for r in rows if r["last_used"] is not None]
+    row["last_used"] = max(used) if used else None
+    row["replicas"] = rows
+    return row
 
 
 def _gpu_rows(ctx: AppContext) -> list[dict[str, Any]]:
@@ -110,13 +127,24 @@ async def list_models(request: Request, model: str | None = None) -> dict[str, A
 @get("/v1/status")
 async def status(request: Request) -> dict[str, Any]:
     ctx = _ctx(request)
-    rows = [_status_row(e) for e in ctx.manager.engines.values()]  # one consistent snapshot
-    leaders = {r["name"]: r["pid"] for r in rows if r["pid"] is not None and r["gpu_memory"] is not None}
+    rows = [_status_row(r) for r in ctx.manager.models.values()]  # one consistent snapshot
+    leaders = {
+        (row["name"], r["replica"]): r["pid"]
+        for row in rows
+        for r in row["replicas"]
+        if r["pid"] is not None and r["gpu_memory"] is not None
+    }
     measured = None
     if leaders and nvml_present():  # NVML calls block: off the event loop
-        measured = await asyncio.to_thread(group_memory, leaders)
+        by_key = await asyncio.to_thread(group_memory, {f"{n}#{i}": pid for (n, i), pid in leaders.items()})
+        measured = {} if by_key is None else by_key
     for row in rows:
-        row["gpu_memory_bytes"] = measured.get(row["name"]) if measured is not None else None
+        if measured is None:
+            continue
+        for r in row["replicas"]:
+            r["gpu_memory_bytes"] = measured.get(f"{row['name']}#{r['replica']}")
+        found = [r["gpu_memory_bytes"] for r in row["replicas"] if r["gpu_memory_bytes"] is not None]
+        row["gpu_memory_bytes"] = sum(found) if found else None
     return {
         "execution_mode": ctx.execution_mode,
         "max_loaded_models": ctx.settings.max_loaded_models,
@@ -152,19 +180,29 @@ async def install_guidance(request: Request) -> dict[str, Any]:
 
 
 @router.post("/v1/admin/models/{name}/start")
-async def admin_start(request: Request, name: str) -> JSONResponse:
+async def admin_start(request: Request, name: str, replicas: int = Query(1, ge=1)) -> JSONResponse:
+    """Start a model's engine, or with `replicas=N` its first N replicas (up to its `max`),
+    and answer once all of them are ready."""
     ctx = _ctx(request)
-    engine = _engine(ctx, name)
-    route = choose_route(engine.spec, policy=ctx.policy, disabled=ctx.registry.disabled, in_flight={})
+    group = _replicas(ctx, name)
+    route = choose_route(group.spec, policy=ctx.policy, disabled=ctx.registry.disabled, in_flight={})
     if route.target != name:  # a GPU model in cpu mode: starting it is refused, not redirected
         raise ModelUnavailable(f"Model '{name}' runs on GPU and the daemon runs in cpu execution mode")
-    try:
-        await engine.ensure_ready(force=True)
-    except EngineNoRoom as exc:
-        raise GpuOverloaded(exc.message, retry_after=exc.retry_after, holders=exc.holders) from exc
-    except EngineError as exc:
-        raise ModelUnavailable(exc.message) from exc
-    return JSONResponse(_status_row(engine))
+    if replicas > len(group.engines):
+        raise InvalidRequest(
+            f"Model '{name}' has at most {len(group.engines)} replica(s) (replicas in models.yaml), "
+            f"not {replicas}"
+        )
+    starts = [e.ensure_ready(force=True) for e in group.engines[:replicas]]
+    results = await asyncio.gather(*starts, return_exceptions=True)
+    for exc in results:
+        if isinstance(exc, EngineNoRoom):
+            raise GpuOverloaded(exc.message, retry_after=exc.retry_after, holders=exc.holders) from exc
+        if isinstance(exc, EngineError):
+            raise ModelUnavailable(exc.message) from exc
+        if isinstance(exc, BaseException):
+            raise exc
+    return JSONResponse(_status_row(group))
 
 
 @router.post("/v1/admin/models/{name}/stop")
@@ -174,40 +212,51 @@ async def admin_stop(
     """Stop a model's engine. Without `force`, new requests are refused at once and
     those in flight get `timeout` seconds (default SHUTDOWN_GRACE_PERIOD) to finish."""
     ctx = _ctx(request)
-    engine = _engine(ctx, name)
+    group = _replicas(ctx, name)
     if name in ctx.registry.disabled:
         raise FormatNotSupported(f"Model '{name}' cannot run: {ctx.registry.disabled[name]}")
     grace = ctx.settings.shutdown_grace_period if timeout is None else max(0.0, timeout)
-    await engine.stop(drain=0.0 if force else grace)
-    return JSONResponse(_status_row(engine))
+    await group.stop(drain=0.0 if force else grace)
+    return JSONResponse(_status_row(group))
 
 
 @router.post("/v1/admin/models/{name}/sleep")
 async def admin_sleep(request: Request, name: str) -> JSONResponse:
     """Put an idle, ready engine launched with `on_idle: sleep` to sleep now (its GPU memory
-    freed, its process kept). A sleeping engine is left as it is."""
+    freed, its process kept); with replicas, every running one. A sleeping engine is left as it is."""
     ctx = _ctx(request)
-    engine = _engine(ctx, name)
-    if engine.spec.on_idle != "sleep" or engine.backend.sleep_routes is None:
+    group = _replicas(ctx, name)
+    if group.spec.on_idle != "sleep" or group.first.backend.sleep_routes is None:
         raise InvalidRequest(f"Model '{name}' is not launched for sleep (set on_idle: sleep in models.yaml)")
-    if engine.state is not EngineState.SLEEPING:
-        task = engine.sleep_now()
-        if task is None:
-            raise Conflict(
-                f"Model '{name}' can sleep only when it is ready and idle "
-                f"(state {engine.state.value}, {engine.in_flight} in flight)"
-            )
-        await asyncio.shield(task)
-    return JSONResponse(_status_row(engine))
+    awake = [e for e in group.engines if e.state is not EngineState.SLEEPING]
+    running = [e for e in awake if e.up] or awake[:1]  # none up: the first one says why (409)
+    busy = [e for e in running if not e.idle_ready]
+    if busy:
+        e = busy[0]
+        which = f" (replica {e.replica})" if not group.single else ""
+        raise Conflict(
+            f"Model '{name}' can sleep only when it is ready and idle{which} "
+            f"(state {e.state.value}, {e.in_flight} in flight)"
+        )
+    tasks = [task for e in running if (task := e.sleep_now()) is not None]
+    await asyncio.gather(*(asyncio.shield(t) for t in tasks))
+    return JSONResponse(_status_row(group))
 
 
 @get("/v1/admin/models/{name}/logs")
 async def admin_logs(
-    request: Request, name: str, tail: int = Query(100, ge=0, le=100_000), follow: bool = False
+    request: Request,
+    name: str,
+    tail: int = Query(100, ge=0, le=100_000),
+    follow: bool = False,
+    replica: int = Query(0, ge=0),
 ) -> Response:
-    """The engine's output: the last `tail` lines of its log file; with `follow`, then
-    every new line as it is written, until the client disconnects."""
-    engine = _engine(_ctx(request), name)
+    """The engine's output (with replicas: replica `replica`'s): the last `tail` lines of its
+    log file; with `follow`, then every new line as it is written, until the client disconnects."""
+    group = _replicas(_ctx(request), name)
+    if replica >= len(group.engines):
+        raise InvalidRequest(f"Model '{name}' has {len(group.engines)} replica(s); no replica {replica}")
+    engine = group.engines[replica]
     lines, offset = engine.log.read_tail(tail)
     head = "".join(line + "\n" for line in lines).encode()
     if not follow:

@@ -35,11 +35,12 @@ from api.context import AppContext
 from api.disconnect import DisconnectGuard
 from api.errors import send_error
 from api.request_log import REQUEST_ID, access_log, request_id_from
+from api.select import Selector
 from backends.capabilities import ROUTES, SERVED_TYPES
 from config.models import ModelSpec
 from lifecycle.budget import EngineNoRoom
 from lifecycle.engine import Engine, Lease
-from lifecycle.state import EngineError, EngineQueueFull, EngineState
+from lifecycle.state import EngineError, EngineQueueFull
 from router.answer import Rename
 from router.collect import Capture, Collector
 from router.errors import (
@@ -51,7 +52,6 @@ from router.errors import (
     QueueFull,
     RouterError,
 )
-from router.policy import choose_route
 from router.proxy import Upstream
 from router.relay import Relay
 from router.ticker import Ticker
@@ -77,6 +77,7 @@ class InferenceEndpoint:
         self.routes = {backend: routes[path] for backend, routes in ROUTES.items() if path in routes}
         self.max_body = ctx.settings.max_response_body_bytes
         self._renames: dict[tuple[str, str], Rename] = {}
+        self.selector = Selector(ctx)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         t0 = time.perf_counter()
@@ -88,19 +89,23 @@ class InferenceEndpoint:
             key = self.ctx.auth.client(headers)  # before the body: refuse cheaply
             limit = self.ctx.settings.max_request_body_bytes
             call.body = await read_body(receive, headers.get(b"content-length"), limit)
+            call.session = headers.get(b"x-session-id")
             engine, lease = self._admit(call, key)
+            if lease is None:  # every replica busy, one starting: wait for whichever frees first
+                engine, lease = await self._wait(call, key)
         except RouterError as exc:
             await send_error(send, exc, call.id_header)
             self._done(call, "", exc.status, exc.code)
             return
         except asyncio.CancelledError:
-            return  # the client left before its request was read
+            call.admission.refund()
+            return  # the client left before its request was read or while it waited
         if engine.name != call.model:
             self.ctx.metrics.offload(call.model, engine.name)
         with lease:
             await self._serve(call, engine, receive)
 
-    def _admit(self, call: Call, key: KeyState | None) -> tuple[Engine, Lease]:
+    def _admit(self, call: Call, key: KeyState | None) -> tuple[Engine, Lease | None]:
         auth = self.ctx.auth
         call.payload, call.requested = parse_payload(call.body)
         spec = self._spec(call.requested)
@@ -109,13 +114,29 @@ class InferenceEndpoint:
             call.admission = auth.admit(key, spec.name)
             call.metered = call.admission.counts_tokens
         try:
-            engine = self._select(spec)
-            limits = auth.global_limits if key is None else key.limits
-            fit(call, engine, self.routes.get(engine.spec.backend), self.path, limits, self.token_fields)
+            engine = self.selector.select(spec, call)
+            if engine is None:  # it waits for a replica: fitted to the model (all replicas are alike)
+                self._fit(call, key, self.ctx.manager.models[spec.name].first)
+                return self.ctx.manager.models[spec.name].first, None
+            self._fit(call, key, engine)
         except RouterError:
             call.admission.refund()  # no engine saw it: it costs the key nothing
             raise
         return engine, engine.acquire()  # same event-loop step as the decision
+
+    async def _wait(self, call: Call, key: KeyState | None) -> tuple[Engine, Lease]:
+        try:
+            engine = await self.selector.wait(call)
+            if engine.name != call.model:  # overflowed to the twin: fitted to it
+                self._fit(call, key, engine)
+        except RouterError:
+            call.admission.refund()
+            raise
+        return engine, engine.acquire()  # same event-loop step as the decision
+
+    def _fit(self, call: Call, key: KeyState | None, engine: Engine) -> None:
+        limits = self.ctx.auth.global_limits if key is None else key.limits
+        fit(call, engine, self.routes.get(engine.spec.backend), self.path, limits, self.token_fields)
 
     async def _serve(self, call: Call, engine: Engine, receive: Receive) -> None:
         guard = DisconnectGuard(receive, self.ticker)
@@ -187,20 +208,6 @@ class InferenceEndpoint:
                 f"{' or '.join(sorted(self.types))} models"
             )
         return spec
-
-    def _select(self, spec: ModelSpec) -> Engine:
-        manager = self.ctx.manager
-        engine = manager.engines[spec.name]
-        route = choose_route(
-            spec,
-            policy=self.ctx.policy,
-            disabled=self.ctx.registry.disabled,
-            in_flight={spec.name: engine.in_flight},
-            # Only asked of a GPU model with a twin whose engine must start or wake.
-            no_room=spec.cpu_offload_model is not None and engine.state is not EngineState.READY
-            and spec.gpu_managed and not manager.budget.has_room(spec),
-        )  # fmt: skip
-        return manager.engines[route.target]
 
     async def _forward(self, call: Call, engine: Engine) -> None:
         base_url = await self._ready(engine)

@@ -85,7 +85,7 @@ class Metrics(Collector):
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        engine = ["model", "backend"]
+        engine = ["model", "backend", "replica"]
         self.requests = _Counter(
             f"{P}_requests", "Inference requests by model, backend, HTTP status and error code "
             "(code is empty on success; a stream that ends with an error event counts its code).",
@@ -118,13 +118,21 @@ class Metrics(Collector):
             f"{P}_engine_crashes", "Engines that died or were killed as unresponsive.", engine
         )
         self.startup = _Histogram(
-            f"{P}_engine_startup_seconds", "Engine start to ready.", engine, STARTUP_BUCKETS
+            f"{P}_engine_startup_seconds", "Engine start to ready.", ["model", "backend"], STARTUP_BUCKETS
         )
         self.evictions = _Counter(
             f"{P}_engine_evictions", "Idle engines slept or stopped to make room on a GPU.",
-            ["model", "action"],
+            ["model", "action", "replica"],
         )  # fmt: skip
-        self.wakes = _Counter(f"{P}_engine_wakes", "Sleeping engines woken for a request.", ["model"])
+        self.wakes = _Counter(
+            f"{P}_engine_wakes", "Sleeping engines woken for a request.", ["model", "replica"]
+        )
+        self.routing = _Counter(
+            f"{P}_routing_decisions",
+            "Requests for a model with replicas, by how a replica was chosen: affinity, bounded_spill, "
+            "least_loaded, round_robin, scale_up, offload, rejected.",
+            ["model", "policy", "reason"],
+        )
         self.wake_time = _Histogram(
             f"{P}_engine_wake_seconds", "Engine wake (placement included) to ready.", ["model"],
             LATENCY_BUCKETS,
@@ -132,7 +140,7 @@ class Metrics(Collector):
         self._families: list[_Counter | _Histogram] = [
             self.requests, self.latency, self.ttft, self.tokens, self.offloads, self.rejections,
             self.starts, self.start_failures, self.stops, self.crashes, self.startup,
-            self.evictions, self.wakes, self.wake_time,
+            self.evictions, self.wakes, self.wake_time, self.routing,
         ]  # fmt: skip
         self.registry.register(self)
 
@@ -162,26 +170,29 @@ class Metrics(Collector):
     def offload(self, model: str, target: str) -> None:
         self.offloads.inc((model, target))
 
+    def routed(self, model: str, policy: str, reason: str) -> None:
+        self.routing.inc((model, policy, reason))
+
     # --------------------------------------------------------- EngineEvents
 
-    def started(self, model: str, backend: str, seconds: float) -> None:
-        self.starts.inc((model, backend))
+    def started(self, model: str, backend: str, seconds: float, replica: int = 0) -> None:
+        self.starts.inc((model, backend, str(replica)))
         self.startup.observe((model, backend), seconds)
 
-    def start_failed(self, model: str, backend: str) -> None:
-        self.start_failures.inc((model, backend))
+    def start_failed(self, model: str, backend: str, replica: int = 0) -> None:
+        self.start_failures.inc((model, backend, str(replica)))
 
-    def stopped(self, model: str, backend: str) -> None:
-        self.stops.inc((model, backend))
+    def stopped(self, model: str, backend: str, replica: int = 0) -> None:
+        self.stops.inc((model, backend, str(replica)))
 
-    def crashed(self, model: str, backend: str) -> None:
-        self.crashes.inc((model, backend))
+    def crashed(self, model: str, backend: str, replica: int = 0) -> None:
+        self.crashes.inc((model, backend, str(replica)))
 
-    def evicted(self, model: str, action: str) -> None:
-        self.evictions.inc((model, action))
+    def evicted(self, model: str, action: str, replica: int = 0) -> None:
+        self.evictions.inc((model, action, str(replica)))
 
-    def woke(self, model: str, seconds: float) -> None:
-        self.wakes.inc((model,))
+    def woke(self, model: str, seconds: float, replica: int = 0) -> None:
+        self.wakes.inc((model, str(replica)))
         self.wake_time.observe((model,), seconds)
 
 
@@ -191,25 +202,27 @@ class EngineCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         state = GaugeMetricFamily(f"{P}_engine_state", "1 for the engine's current state.",
-                                  labels=["model", "backend", "state"])  # fmt: skip
+                                  labels=["model", "backend", "replica", "state"])  # fmt: skip
         in_flight = GaugeMetricFamily(
-            f"{P}_engine_in_flight_requests", "Requests in flight.", labels=["model"]
+            f"{P}_engine_in_flight_requests", "Requests in flight.", labels=["model", "replica"]
         )
         queued = GaugeMetricFamily(
-            f"{P}_engine_queued_requests", "Requests waiting for the engine to start.", labels=["model"]
-        )
+            f"{P}_engine_queued_requests", "Requests waiting for the engine to start.",
+            labels=["model", "replica"],
+        )  # fmt: skip
         failures = GaugeMetricFamily(
             f"{P}_engine_consecutive_failures",
             "Failures in a row, since the engine last proved healthy.",
-            labels=["model"],
+            labels=["model", "replica"],
         )
-        for engine in list(self.manager.engines.values()):
+        for engine in self.manager.all_engines():
+            labels = [engine.name, str(engine.replica)]
             for s in EngineState:
                 value = 1.0 if engine.state is s else 0.0
-                state.add_metric([engine.name, engine.spec.backend, s.value], value)
-            in_flight.add_metric([engine.name], engine.in_flight)
-            queued.add_metric([engine.name], engine.waiting)
-            failures.add_metric([engine.name], engine.failures)
+                state.add_metric([engine.name, engine.spec.backend, labels[1], s.value], value)
+            in_flight.add_metric(labels, engine.in_flight)
+            queued.add_metric(labels, engine.waiting)
+            failures.add_metric(labels, engine.failures)
         yield from (state, in_flight, queued, failures)
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -51,6 +51,24 @@ class ModelTimeouts(BaseModel):
     first_byte: float | None = Field(None, gt=0)
     idle: float | None = Field(None, gt=0)
     total: float | None = Field(None, ge=0)
+
+
+class ReplicaRange(BaseModel):
+    """`replicas: {min: 0, max: 4}`: replicas scaled with load between `min` and `max`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    min: int = Field(0, ge=0)
+    max: int = Field(ge=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ReplicaRange:
+        if self.min > self.max:
+            raise ValueError(f"min ({self.min}) is above max ({self.max})")
+        return self
+
+
+RoutingPolicy = Literal["round_robin", "least_loaded", "prefix_affinity"]
 
 
 @dataclass(frozen=True)
@@ -95,6 +113,11 @@ class ModelSpec(BaseModel):
     on_idle: Literal["stop", "sleep"] = "stop"
     sleep_timeout: float | None = Field(None, ge=0)
     pinned: bool = False
+    # Replicas (lifecycle/replicas.py): a fixed number, or a range scaled with load; GPU
+    # replicas take `tensor_parallel_size` GPUs each from the pool `gpu_id` (unset: every GPU).
+    replicas: Annotated[int, Field(ge=1)] | ReplicaRange | None = None
+    tensor_parallel_size: int | None = Field(None, ge=1)
+    routing: RoutingPolicy = "least_loaded"
 
     @model_validator(mode="before")
     @classmethod
@@ -128,6 +151,25 @@ class ModelSpec(BaseModel):
     @property
     def served_name(self) -> str:
         return self.served_model_name or self.name
+
+    @property
+    def replica_range(self) -> tuple[int, int]:
+        """(min, max): `replicas: N` keeps N running; unset is one engine started on demand."""
+        if self.replicas is None:
+            return (0, 1)
+        if isinstance(self.replicas, int):
+            return (self.replicas, self.replicas)
+        return (self.replicas.min, self.replicas.max)
+
+    @property
+    def pooled(self) -> bool:
+        """Its replicas are each placed on `gpus_per_replica` GPUs picked from the pool
+        `gpu_id` (a `gpu_id` list without `replicas` is one tensor-parallel engine)."""
+        return self.replicas is not None and self.gpu_managed
+
+    @property
+    def gpus_per_replica(self) -> int:
+        return self.tensor_parallel_size or 1
 
     @property
     def gpu_ids(self) -> tuple[int, ...]:
@@ -261,6 +303,7 @@ def _cross_check(models: Sequence[ModelSpec]) -> list[str]:
             problems.append(f"{label}: args: {', '.join(managed)} is set by the daemon")
         problems.extend(_offload_problems(label, m, by_name))
         problems.extend(_gpu_field_problems(label, m))
+        problems.extend(_replica_problems(label, m))
     return problems
 
 
@@ -292,6 +335,30 @@ def _gpu_field_problems(label: str, m: ModelSpec) -> list[str]:
         problems.append(f"{label}: gpu_id: GPU ids are 0 or more, not {list(m.gpu_ids)}")
     if managed and "CUDA_VISIBLE_DEVICES" in m.env:
         problems.append(f"{label}: env: CUDA_VISIBLE_DEVICES is set by the daemon (use gpu_id)")
+    return problems
+
+
+def _replica_problems(label: str, m: ModelSpec) -> list[str]:
+    problems = []
+    if m.replica_range[1] > 1 and m.port is not None:
+        problems.append(
+            f"{label}: port: each of its {m.replica_range[1]} replicas needs its own port (unset it)"
+        )
+    if m.tensor_parallel_size is not None:
+        if not m.gpu_managed:
+            problems.append(f"{label}: tensor_parallel_size: only GPU models on SGLang or vLLM take it")
+        elif m.replicas is None:
+            problems.append(
+                f"{label}: tensor_parallel_size: applies to replicas (one tensor-parallel engine: "
+                "a gpu_id list)"
+            )
+        elif m.gpu_ids and m.tensor_parallel_size > len(m.gpu_ids):
+            problems.append(
+                f"{label}: tensor_parallel_size: {m.tensor_parallel_size} GPUs per replica from a pool of "
+                f"{len(m.gpu_ids)} (gpu_id {list(m.gpu_ids)})"
+            )
+    if "routing" in m.model_fields_set and m.replicas is None:
+        problems.append(f"{label}: routing: applies to replicas (set replicas)")
     return problems
 
 

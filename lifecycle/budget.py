@@ -53,6 +53,7 @@ class Placeable(Protocol):
     spec: ModelSpec
     placed: tuple[int, ...] | None
     last_used: float | None
+    key: str  # the model's name, or "<model>#<replica>" for replicas past the first
 
     @property
     def name(self) -> str: ...
@@ -82,24 +83,28 @@ class GpuBudget:
     def holders(self) -> list[Holder]:
         return [
             Holder(
-                name=e.name,
+                name=e.key,
                 holds=e.placed is not None,
                 gpus=e.placed or (),
                 share=e.spec.share,
                 evictable=e.evictable,
                 last_used=e.last_used or 0.0,
                 sleeps=e.spec.on_idle == "sleep",
+                model=e.name,
             )
             for e in self._engines()
             if e.spec.gpu_managed
         ]
 
-    def decide(self, spec: ModelSpec) -> Place | Evict | Wait:
-        return plan(Ask(spec.name, spec.share, spec.gpu_ids), self.holders(), self.gpus, self.max_loaded)
+    def decide(self, engine: Placeable) -> Place | Evict | Wait:
+        spec = engine.spec
+        count = spec.gpus_per_replica if spec.pooled else 0
+        ask = Ask(engine.key, spec.share, spec.gpu_ids, count, spec.name)
+        return plan(ask, self.holders(), self.gpus, self.max_loaded)
 
-    def has_room(self, spec: ModelSpec) -> bool:
-        """Could `spec` start now, evicting idle engines if need be? (For offload at once.)"""
-        return not isinstance(self.decide(spec), Wait)
+    def has_room(self, engine: Placeable) -> bool:
+        """Could `engine` start now, evicting idle engines if need be? (For offload at once.)"""
+        return not isinstance(self.decide(engine), Wait)
 
     def changed(self) -> None:
         """Room may have appeared (a release, an engine gone idle): waiters plan again.
@@ -121,10 +126,10 @@ class GpuBudget:
         deadline = time.monotonic() + timeout
         while True:
             async with self._lock:
-                decision = self.decide(engine.spec)
+                decision = self.decide(engine)
                 while isinstance(decision, Evict):
                     await self._evict(decision, deadline)
-                    decision = self.decide(engine.spec)
+                    decision = self.decide(engine)
                 if isinstance(decision, Place):
                     engine.placed = decision.gpus
                     return decision.gpus
@@ -140,7 +145,7 @@ class GpuBudget:
                 raise EngineNoRoom(engine.name, self._no_room(engine.spec, decision), decision.holders)
 
     async def _evict(self, decision: Evict, deadline: float) -> None:
-        engines = {e.name: e for e in self._engines()}
+        engines = {e.key: e for e in self._engines()}
         tasks = []
         for name, action in decision.victims:
             victim = engines.get(name)

@@ -20,7 +20,10 @@ The rules, in order:
 2. A model with `gpu_id` goes on exactly those GPUs (a list is tensor parallel:
    the share counts on every one). Without one, it goes on one GPU with room:
    the fullest one it fits on ("pack"), so that the largest free space stays
-   whole for a large model; ties go to the lowest id.
+   whole for a large model; ties go to the lowest id. A replica (`count` > 0)
+   takes `count` GPUs from its pool (`gpu_id`, or every GPU): first those
+   holding none of its model's other replicas (replicas are for throughput; two
+   on one card share its compute), then pack. Replicas never evict their own.
 3. Only idle engines are evicted (ready, nothing in flight, no transition, not
    pinned), least recently used first, and only as many as needed. Among GPUs
    that need evictions, the one needing fewest wins, then the one whose victims
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from itertools import combinations
 from typing import Literal
 
 EPSILON = 1e-9  # three shares of 1/3 fill a card
@@ -55,13 +59,16 @@ class Holder:
     evictable: bool  # ready, idle, no transition in progress, not pinned
     last_used: float
     sleeps: bool  # on_idle: sleep (evicted by sleeping it, not stopping it)
+    model: str = ""  # the model it is a replica of
 
 
 @dataclass(frozen=True)
 class Ask:
     name: str
     share: float
-    gpu_ids: tuple[int, ...]  # fixed GPUs; () = any one GPU with room
+    gpu_ids: tuple[int, ...]  # fixed GPUs; () = any one GPU with room (with `count`: the pool)
+    count: int = 0  # a replica: this many GPUs from the pool `gpu_ids` (() = every GPU)
+    model: str = ""
 
 
 @dataclass(frozen=True)
@@ -91,23 +98,37 @@ def plan(ask: Ask, holders: Sequence[Holder], gpus: Sequence[Gpu], max_loaded: i
     """Where `ask` can go, what must be evicted first, or who is in the way."""
     others = [h for h in holders if h.name != ask.name and h.holds]
     room = _Room(ask.share, {g.id: g.budget for g in gpus}, max_loaded)
-    # Fixed GPUs, or any one GPU; with none known only the loaded-models limit is checked.
-    candidates = [(g.id,) for g in gpus] if gpus and not ask.gpu_ids else [ask.gpu_ids]
+    candidates = _candidates(ask, gpus)
+    siblings = [h for h in others if ask.model and h.model == ask.model]
+
+    def crowd(ids: tuple[int, ...]) -> int:
+        return sum(1 for h in siblings if set(h.gpus) & set(ids))
+
     direct = [ids for ids in candidates if room.fits(ids, others)]
     if direct:
-        # Pack: the candidate left fullest after placement, then the lowest id.
-        return Place(min(direct, key=lambda ids: (room.free_after(ids, others), ids)))
+        # Spread replicas, then pack: the candidate left fullest after placement, then the lowest id.
+        return Place(min(direct, key=lambda ids: (crowd(ids), room.free_after(ids, others), ids)))
+    strangers = [h for h in others if not (ask.model and h.model == ask.model)]
     options = []
     for ids in candidates:
-        victims = room.lru_victims(ids, others)
+        victims = room.lru_victims(ids, others, strangers)
         if victims:
-            options.append((len(victims), max(v.last_used for v in victims), ids, victims))
+            options.append((len(victims), crowd(ids), max(v.last_used for v in victims), ids, victims))
     if options:
-        _, _, ids, victims = min(options, key=lambda o: (o[0], o[1], o[2]))
+        _, _, _, ids, victims = min(options, key=lambda o: (o[0], o[1], o[2], o[3]))
         return Evict(ids, tuple((v.name, "sleep" if v.sleeps else "stop") for v in victims))
     wanted = {g for ids in candidates for g in ids}
     in_the_way = [h for h in others if max_loaded or wanted & set(h.gpus)]
     return Wait(tuple(sorted(h.name for h in in_the_way)))
+
+
+def _candidates(ask: Ask, gpus: Sequence[Gpu]) -> list[tuple[int, ...]]:
+    """Where `ask` may go: its fixed GPUs; any one GPU; or, for a replica, any `count` GPUs of
+    its pool. With no GPU known only the loaded-models limit is checked."""
+    if ask.count:
+        pool = ask.gpu_ids or tuple(g.id for g in gpus)
+        return list(combinations(sorted(pool), ask.count)) if len(pool) >= ask.count else [()]
+    return [(g.id,) for g in gpus] if gpus and not ask.gpu_ids else [ask.gpu_ids]
 
 
 @dataclass(frozen=True)
@@ -131,11 +152,12 @@ class _Room:
     def free_after(self, ids: tuple[int, ...], present: list[Holder]) -> float:
         return sum(self.budget.get(g, 0.0) - reserved(g, present) - self.share for g in ids)
 
-    def lru_victims(self, ids: tuple[int, ...], present: list[Holder]) -> list[Holder]:
-        """The least recently used idle engines whose eviction makes `ids` fit ([] if none do)."""
+    def lru_victims(self, ids: tuple[int, ...], present: list[Holder], allowed: list[Holder]) -> list[Holder]:
+        """The least recently used idle engines of `allowed` whose eviction makes `ids` fit
+        ([] if none do)."""
         remaining = list(present)
         victims: list[Holder] = []
-        for h in sorted((h for h in present if h.evictable), key=lambda h: h.last_used):
+        for h in sorted((h for h in allowed if h.evictable), key=lambda h: h.last_used):
             if self.fits(ids, remaining):
                 break
             if self.short(ids, remaining) & set(h.gpus) or self.too_many(remaining):

@@ -35,7 +35,7 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -130,10 +130,15 @@ class Engine:
         backend: Backend,
         services: EngineServices,
         override: EngineOverride | None = None,
+        replica: int = 0,
     ) -> None:
         self._services = services
+        self.replica = replica
+        # Unique among all engines (pid records, log file, GPU holders): the model's name for
+        # its first replica, as before replicas existed.
+        self.key = spec.name if replica == 0 else f"{spec.name}#{replica}"
         self._configure(spec, backend, override)
-        self.log = LogTail(services.log_dir / f"{spec.name}.log")
+        self.log = LogTail(services.log_dir / f"{self.key}.log")
         self._state = EngineState.STOPPED
         self._changed = asyncio.Condition()
         self._transition: asyncio.Task[None] | None = None
@@ -160,6 +165,10 @@ class Engine:
         self.placed: tuple[int, ...] | None = None  # GPUs it holds memory on (lifecycle/budget.py)
         self.sleeps = 0
         self.wakes = 0
+        # Set by its ReplicaSet: told of every release and state change (requests waiting for
+        # a replica to free), and asked before an idle stop (False: keep it, the model's `min`).
+        self.on_change: Callable[[], None] | None = None
+        self.may_idle_stop: Callable[[Engine], bool] | None = None
 
     def _configure(self, spec: ModelSpec, backend: Backend, override: EngineOverride | None) -> None:
         settings = self._services.settings
@@ -225,9 +234,31 @@ class Engine:
     def _sleep_routes(self) -> SleepRoutes | None:
         return self.backend.sleep_routes if self.spec.on_idle == "sleep" else None
 
+    @property
+    def ready(self) -> bool:
+        """Ready to serve now: READY, no transition in progress."""
+        return self._state is EngineState.READY and self._current() is None
+
+    @property
+    def up(self) -> bool:
+        """Serving or on its way to: ready, or a start or wake in progress."""
+        if self._state in (EngineState.READY, EngineState.STARTING, EngineState.WAKING):
+            return True
+        return self._state is not EngineState.STOPPING and self._current() is not None
+
+    @property
+    def startable(self) -> bool:
+        """May start (or wake) now: no process serving, no transition, not backing off."""
+        if self._current() is not None or self._draining:
+            return False
+        if self._state is EngineState.FAILED:
+            return self.retry_at is None or self.retry_at <= time.time()
+        return self._state in (EngineState.STOPPED, EngineState.SLEEPING)
+
     def status(self) -> EngineStatus:
         return EngineStatus(
             name=self.name,
+            replica=self.replica,
             backend=self.spec.backend,
             state=self._state,
             pid=self.pid,
@@ -264,6 +295,8 @@ class Engine:
     def _release(self) -> None:
         self.in_flight -= 1
         self.last_used = time.time()
+        if self.on_change is not None:
+            self.on_change()
         if self.in_flight == 0:
             self._idle.set()
             self._room_changed()
@@ -295,6 +328,8 @@ class Engine:
 
     def _on_idle(self) -> None:
         self._idle_handle = None
+        if self.may_idle_stop is not None and not self.may_idle_stop(self):
+            return  # the model keeps `min` replicas running: this one stays ready
         if self.in_flight == 0 and self._state is EngineState.READY and self._current() is None:
             if self._sleep_routes is not None:
                 log.info("engine '%s' idle for %.1fs: sleeping", self.name, self.idle_timeout)
@@ -314,7 +349,7 @@ class Engine:
         it is no longer evictable (a request took it first)."""
         if not self.evictable:
             return None
-        self._services.events.evicted(self.name, action)
+        self._services.events.evicted(self.name, action, self.replica)
         if action == "sleep" and self._sleep_routes is not None:
             return self._begin(self._run_sleep())
         return self._begin(self._run_stop(EngineState.STOPPED, None))
@@ -444,6 +479,8 @@ class Engine:
         log.debug("engine '%s': %s -> %s", self.name, self._state.value, new.value)
         self._state = new
         self._room_changed()
+        if self.on_change is not None:
+            self.on_change()
 
         async def notify() -> None:
             async with self._changed:
@@ -460,7 +497,7 @@ class Engine:
         return task if task is not None and not task.done() else None
 
     def _begin(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
-        task = asyncio.get_running_loop().create_task(coro, name=f"engine:{self.name}")
+        task = asyncio.get_running_loop().create_task(coro, name=f"engine:{self.key}")
         self._transition = task
 
         def done(t: asyncio.Task[None]) -> None:
@@ -516,12 +553,12 @@ class Engine:
                 self._set(EngineState.STOPPING)
                 await self._terminate()
                 self._set(EngineState.STOPPED)
-                events.stopped(self.name, self.spec.backend)
+                events.stopped(self.name, self.spec.backend, self.replica)
                 raise
             await self._terminate()
             self._record_failure(exc.message)
             self._set(EngineState.FAILED)
-            events.start_failed(self.name, self.spec.backend)
+            events.start_failed(self.name, self.spec.backend, self.replica)
             raise
         except asyncio.CancelledError:
             self.kill_now()
@@ -529,7 +566,7 @@ class Engine:
         self.retry_at = None
         self._ready_since = time.monotonic()
         self._set(EngineState.READY)
-        events.started(self.name, self.spec.backend, time.monotonic() - began)
+        events.started(self.name, self.spec.backend, time.monotonic() - began, self.replica)
         log.info("engine '%s' ready on %s (pid %s)", self.name, self.base_url, self.pid)
         assert self._exited is not None
         asyncio.get_running_loop().create_task(self._watch_exit(self._exited))
@@ -573,7 +610,7 @@ class Engine:
         except OSError as exc:
             self.log.write(f"=== could not launch: {exc}")
             raise self._start_error(f"could not launch '{launch.argv[0]}': {exc}") from exc
-        self._services.pid_records.write(self.name, self._proc.pid)
+        self._services.pid_records.write(self.key, self._proc.pid)
         self._pump = asyncio.get_running_loop().create_task(pump_output(self._proc.output, self.log))
         self._exited = asyncio.get_running_loop().create_task(self._proc.wait())
 
@@ -632,9 +669,9 @@ class Engine:
         self._ready_since = None
         self._set(final)
         if final is EngineState.FAILED:
-            self._services.events.crashed(self.name, self.spec.backend)
+            self._services.events.crashed(self.name, self.spec.backend, self.replica)
         else:
-            self._services.events.stopped(self.name, self.spec.backend)
+            self._services.events.stopped(self.name, self.spec.backend, self.replica)
 
     async def _run_sleep(self) -> None:
         """READY -> SLEEPING: the engine gives its GPU memory back and keeps its process.
@@ -664,7 +701,7 @@ class Engine:
             return
         self.wakes += 1
         self._set(EngineState.READY)
-        self._services.events.woke(self.name, time.monotonic() - began)
+        self._services.events.woke(self.name, time.monotonic() - began, self.replica)
         self.log.write("=== awake")
         if self.in_flight == 0:
             self._arm_idle()
@@ -690,7 +727,7 @@ class Engine:
                 self.log.write(f"=== did not exit within {grace:.1f}s of SIGTERM: killed")
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(proc.wait(), 5.0)
-            self._services.pid_records.remove(self.name, proc.pid)
+            self._services.pid_records.remove(self.key, proc.pid)
             await self._drain_output()  # the group is gone: its last lines are in the pipe
             self.log.write(f"=== exited with code {proc.returncode}")
         if self._pump is not None:

@@ -1,8 +1,10 @@
 """The engines of a registry: orphan reaping, health monitoring, shutdown.
 
-The manager owns no engine state itself: each `Engine` owns its own. It
-reaps orphans before anything starts, runs one health-monitor task, and on
-shutdown stops every engine group concurrently and waits for all of them.
+The manager owns no engine state itself: each `Engine` owns its own, and each
+model is a `ReplicaSet` of them (lifecycle/replicas.py). It reaps orphans before
+anything starts, runs one health-monitor task (which also brings each model back
+up to its `min` replicas), and on shutdown stops every engine group concurrently
+and waits for all of them.
 """
 
 from __future__ import annotations
@@ -11,10 +13,11 @@ import asyncio
 import atexit
 import contextlib
 import logging
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from backends.registry import backend_for
-from config.models import EngineOverride, Registry
+from config.models import EngineOverride, ModelSpec, Registry
 from config.settings import Settings
 from lifecycle.budget import GpuBudget
 from lifecycle.capacity import Gpu
@@ -23,6 +26,7 @@ from lifecycle.gpus import gpus_for
 from lifecycle.model_files import ModelFiles
 from lifecycle.pidrecords import PidRecords
 from lifecycle.probe import Prober
+from lifecycle.replicas import ReplicaSet
 from lifecycle.state import EngineEvents, EngineState, NoEvents
 
 log = logging.getLogger(__name__)
@@ -52,7 +56,7 @@ class EngineManager:
         self.budget = GpuBudget(
             gpus_for(registry) if gpus is None else gpus,
             settings.max_loaded_models,
-            lambda: list(self.engines.values()),
+            lambda: list(self.all_engines()),
         )
         shared = [m.name for m in registry.models.values() if m.gpu_managed and m.gpu_memory is not None]
         if shared and not self.budget.gpus:
@@ -71,10 +75,13 @@ class EngineManager:
             events=events or NoEvents(),
             budget=self.budget,
         )
-        self.engines: dict[str, Engine] = {
-            name: Engine(spec, backend_for(spec.backend), services, self._override(spec.backend))
+        self.models: dict[str, ReplicaSet] = {
+            name: ReplicaSet(spec, backend_for(spec.backend), services, self._override(spec.backend))
             for name, spec in registry.models.items()
         }
+        # Which models may be started without a request (their `min` replicas): not a disabled
+        # one, nor a GPU model while the daemon runs in cpu mode (main.py sets it).
+        self.may_start: Callable[[ModelSpec], bool] = lambda spec: spec.name not in self.registry.disabled
         self._monitor: asyncio.Task[None] | None = None
         self._misses: dict[str, int] = {}
         self._retiring: set[asyncio.Task[None]] = set()
@@ -87,7 +94,18 @@ class EngineManager:
         return EngineOverride(command=command) if command else None
 
     def get(self, name: str) -> Engine | None:
-        return self.engines.get(name)
+        """A model's first replica (its only engine, unless it has `replicas:`)."""
+        replicas = self.models.get(name)
+        return replicas.first if replicas is not None else None
+
+    def all_engines(self) -> Iterator[Engine]:
+        for replicas in list(self.models.values()):
+            yield from replicas.engines
+
+    def maintain(self) -> None:
+        """Bring every model up to its `min` replicas."""
+        for replicas in self.models.values():
+            replicas.maintain(self.may_start)
 
     async def start(self) -> None:
         """Reap engines left by a daemon that died hard, then start monitoring."""
@@ -96,6 +114,7 @@ class EngineManager:
             log.warning("reaped %d orphaned engine group(s)", len(reaped))
         atexit.register(self._kill_all_now)
         self._monitor = asyncio.get_running_loop().create_task(self._monitor_health(), name="health-monitor")
+        self.maintain()
 
     def reload(self, registry: Registry, gpus: list[Gpu] | None = None) -> ReloadReport:
         """Switch to a validated registry; takes effect for the next request.
@@ -116,26 +135,30 @@ class EngineManager:
         for name, spec in registry.models.items():
             if name in added:
                 continue
-            engine = self.engines[name]
+            replicas = self.models[name]
             override = self._override(spec.backend)
-            if spec == engine.spec and override == engine.override:
+            if spec == replicas.spec and override == replicas.first.override:
                 unchanged.append(name)
             else:
                 changed.append(name)
-                engine.replace_spec(spec, backend_for(spec.backend), override)
+                for engine in replicas.replace_spec(spec, backend_for(spec.backend), override):
+                    self._retire(engine)  # past the new `max`
         for name in added:
             spec = registry.models[name]
-            self.engines[name] = Engine(
+            self.models[name] = ReplicaSet(
                 spec, backend_for(spec.backend), self._services, self._override(spec.backend)
             )
         for name in removed:
-            engine = self.engines.pop(name)
-            task = asyncio.get_running_loop().create_task(
-                engine.stop(drain=self.settings.shutdown_grace_period)
-            )
-            self._retiring.add(task)
-            task.add_done_callback(self._retiring.discard)
+            for engine in self.models.pop(name).engines:
+                self._retire(engine)
+        self.maintain()
         return ReloadReport(added=added, removed=removed, changed=changed, unchanged=unchanged)
+
+    def _retire(self, engine: Engine) -> None:
+        """Drain and stop an engine no longer in the registry (requests in flight finish)."""
+        task = asyncio.get_running_loop().create_task(engine.stop(drain=self.settings.shutdown_grace_period))
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
 
     async def shutdown(self) -> None:
         """Stop every engine group and wait until all are gone."""
@@ -143,14 +166,14 @@ class EngineManager:
             self._monitor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._monitor
-        stops = [engine.stop() for engine in self.engines.values()]
+        stops = [engine.stop() for engine in self.all_engines()]
         await asyncio.gather(*stops, *self._retiring, return_exceptions=True)
         await self._prober.close()
         atexit.unregister(self._kill_all_now)
 
     def _kill_all_now(self) -> None:
         # Only reached if the interpreter exits without `shutdown()` running.
-        for engine in self.engines.values():
+        for engine in self.all_engines():
             engine.kill_now()
 
     # --------------------------------------------------------- health monitor
@@ -166,10 +189,11 @@ class EngineManager:
         interval = self.settings.health_check_interval
         while True:
             await asyncio.sleep(interval)
-            ready = [e for e in self.engines.values() if e.state is EngineState.READY]
+            ready = [e for e in self.all_engines() if e.state is EngineState.READY]
             results = await asyncio.gather(*(self._probe(e, interval) for e in ready))
             for engine, ok in zip(ready, results, strict=True):
                 self._note(engine, ok)
+            self.maintain()
 
     async def _probe(self, engine: Engine, interval: float) -> bool:
         url = engine.base_url + engine.backend.liveness_path
@@ -177,10 +201,10 @@ class EngineManager:
 
     def _note(self, engine: Engine, ok: bool) -> None:
         if ok or engine.state is not EngineState.READY:
-            self._misses.pop(engine.name, None)
+            self._misses.pop(engine.key, None)
             return
-        misses = self._misses.get(engine.name, 0) + 1
-        self._misses[engine.name] = misses
+        misses = self._misses.get(engine.key, 0) + 1
+        self._misses[engine.key] = misses
         if misses >= self.settings.health_check_failures:
-            self._misses.pop(engine.name, None)
+            self._misses.pop(engine.key, None)
             engine.mark_failed(f"engine unresponsive: {misses} health checks failed in a row")

@@ -114,34 +114,35 @@ class EngineStatus:
     pinned: bool = False
     sleeps: int = 0
     wakes: int = 0
+    replica: int = 0
 
 
 class EngineEvents(Protocol):
     """What an engine reports as it goes (metrics implement it; lifecycle stays unaware)."""
 
-    def started(self, model: str, backend: str, seconds: float) -> None: ...
-    def start_failed(self, model: str, backend: str) -> None: ...
-    def stopped(self, model: str, backend: str) -> None: ...
-    def crashed(self, model: str, backend: str) -> None: ...
-    def evicted(self, model: str, action: str) -> None: ...
-    def woke(self, model: str, seconds: float) -> None: ...
+    def started(self, model: str, backend: str, seconds: float, replica: int = 0) -> None: ...
+    def start_failed(self, model: str, backend: str, replica: int = 0) -> None: ...
+    def stopped(self, model: str, backend: str, replica: int = 0) -> None: ...
+    def crashed(self, model: str, backend: str, replica: int = 0) -> None: ...
+    def evicted(self, model: str, action: str, replica: int = 0) -> None: ...
+    def woke(self, model: str, seconds: float, replica: int = 0) -> None: ...
 
 
 class NoEvents:
-    def started(self, model: str, backend: str, seconds: float) -> None:
+    def started(self, model: str, backend: str, seconds: float, replica: int = 0) -> None:
         pass
 
-    def start_failed(self, model: str, backend: str) -> None:
+    def start_failed(self, model: str, backend: str, replica: int = 0) -> None:
         pass
 
-    def stopped(self, model: str, backend: str) -> None:
+    def stopped(self, model: str, backend: str, replica: int = 0) -> None:
         pass
 
-    def crashed(self, model: str, backend: str) -> None:
+    def crashed(self, model: str, backend: str, replica: int = 0) -> None:
         pass
 
-    def evicted(self, model: str, action: str) -> None:
+    def evicted(self, model: str, action: str, replica: int = 0) -> None:
         pass
 
-    def woke(self, model: str, seconds: float) -> None:
+    def woke(self, model: str, seconds: float, replica: int = 0) -> None:
         pass

@@ -1,6 +1,6 @@
 """Which replica of a model serves a request: pure functions of a snapshot of replica loads.
 
-Groundwork for replicas (issue 15); nothing routes through it yet. Three policies:
+lifecycle/replicas.py takes the snapshot and acts on the choice. Three policies:
 
 - `round_robin`: the replicas in turn.
 - `least_loaded`: fewest requests in flight; ties in turn.
@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 Reason = Literal["affinity", "bounded_spill", "least_loaded", "round_robin"]
+Policy = Literal["round_robin", "least_loaded", "prefix_affinity"]
 LOAD_FACTOR = 1.25  # c: no replica above c x the mean load (+1)
 VNODES = 100  # points per replica on the ring: a smooth share of the keys
 PREFIX_CHARS = 256  # of a completion's prompt: the part a multi-turn session repeats
@@ -68,10 +69,13 @@ def limit(loads: Sequence[Replica], c: float = LOAD_FACTOR) -> float:
     return c * mean + 1
 
 
-def prefix_affinity(key: str, ring: HashRing, loads: Sequence[Replica], c: float = LOAD_FACTOR) -> Choice:
-    """The key's replica, or the next one clockwise with room under the bound."""
+def prefix_affinity(
+    key: str, ring: HashRing, loads: Sequence[Replica], c: float = LOAD_FACTOR, cap: float = float("inf")
+) -> Choice:
+    """The key's replica, or the next one clockwise with room under the bound (and under
+    `cap`, the in-flight count at which a replica takes no more)."""
     in_flight = {r.id: r.in_flight for r in loads}
-    bound = limit(loads, c)
+    bound = min(limit(loads, c), cap)
     first = True
     for replica in ring.walk(key):
         if replica in in_flight and in_flight[replica] + 1 <= bound:
@@ -79,6 +83,27 @@ def prefix_affinity(key: str, ring: HashRing, loads: Sequence[Replica], c: float
         first = first and replica not in in_flight  # a replica gone from the snapshot is skipped
     least = min(loads, key=lambda r: (r.in_flight, r.id))  # every one at the bound: the emptiest
     return Choice(least.id, "bounded_spill")
+
+
+def choose(
+    policy: Policy,
+    loads: Sequence[Replica],
+    *,
+    turn: int,
+    key: str | None = None,
+    ring: HashRing | None = None,
+    cap: float = float("inf"),
+) -> Choice | None:
+    """A replica of `loads` under `cap` by `policy`; None when every one is at `cap`.
+    prefix_affinity without a key (or a ring) balances by load."""
+    open_ = [r for r in loads if r.in_flight < cap]
+    if not open_:
+        return None
+    if policy == "round_robin":
+        return round_robin(open_, turn)
+    if policy == "prefix_affinity" and key is not None and ring is not None:
+        return prefix_affinity(key, ring, loads, cap=cap)
+    return least_loaded(open_, turn)
 
 
 def least_loaded(loads: Sequence[Replica], turn: int) -> Choice:

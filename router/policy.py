@@ -59,11 +59,15 @@ def choose_route(
     if no_room and policy.offload_enabled and twin is not None and twin_usable:
         return Route(twin, offloaded=True)
     if spec.execution_mode == "gpu" and in_flight.get(spec.name, 0) >= policy.threshold:
-        if policy.offload_enabled and twin is not None and twin_usable:
-            return Route(twin, offloaded=True)
-        raise GpuOverloaded(
-            f"Model '{spec.name}' has {in_flight.get(spec.name, 0)} requests in flight "
-            f"(limit {policy.threshold}) and no CPU offload is available",
-            retry_after=RETRY_AFTER_SECONDS,
-        )
+        busy = in_flight.get(spec.name, 0)
+        why = f"Model '{spec.name}' has {busy} requests in flight (limit {policy.threshold})"
+        return overflow(spec, policy, disabled, why)
     return Route(spec.name, offloaded=False)
+
+
+def overflow(spec: ModelSpec, policy: OffloadPolicy, disabled: Mapping[str, str], why: str) -> Route:
+    """A saturated GPU model (`why` says how): its CPU twin when offload may use it, else 429."""
+    twin = spec.cpu_offload_model
+    if policy.offload_enabled and twin is not None and twin not in disabled:
+        return Route(twin, offloaded=True)
+    raise GpuOverloaded(f"{why} and no CPU offload is available", retry_after=RETRY_AFTER_SECONDS)

@@ -98,12 +98,19 @@ def test_three_models_share_a_card_and_the_least_recently_used_idle_one_makes_ro
         status = c.get("/v1/status").json()
     for name, backend in (("a", "sglang"), ("b", "vllm"), ("c", "sglang")):
         assert (
-            counter(metrics, "unified_inference_engine_start_failures_total", model=name, backend=backend)
+            counter(
+                metrics,
+                "unified_inference_engine_start_failures_total",
+                model=name,
+                backend=backend,
+                replica="0",
+            )
             == 0
         )
     assert not any("out of" in (r["last_error"] or "") for r in status["models"])
     evictions = sum(
-        counter(metrics, "unified_inference_engine_evictions_total", model=m, action="stop") for m in "abc"
+        counter(metrics, "unified_inference_engine_evictions_total", model=m, action="stop", replica="0")
+        for m in "abc"
     )
     starts = sum(r["starts"] for r in status["models"])
     assert evictions == expected == starts - 2 and expected >= 10
@@ -226,9 +233,12 @@ def test_an_idle_engine_sleeps_keeps_its_process_and_wakes_once(daemon_for: Any,
         assert row["pid"] == pids["v"] and row["starts"] == 1 and row["wakes"] == 1
         assert list(ledger(tmp_path)["0"].values()) == [0.5]
         metrics = c.get("/metrics").text
-        assert counter(metrics, "unified_inference_engine_wakes_total", model="v") == 1
+        assert counter(metrics, "unified_inference_engine_wakes_total", model="v", replica="0") == 1
         assert counter(metrics, "unified_inference_engine_wake_seconds_count", model="v") == 1
-        assert 'unified_inference_engine_state{backend="sglang",model="s",state="sleeping"} 1.0' in metrics
+        assert (
+            'unified_inference_engine_state{backend="sglang",model="s",replica="0",state="sleeping"} 1.0'
+            in metrics
+        )
 
         # Back to sleep, then past its sleep_timeout the process stops too.
         wait_until(lambda: rows(c)["v"]["state"] == "sleeping", 15)
@@ -297,8 +307,16 @@ def test_pinned_models_stay_and_tensor_parallel_counts_on_both_gpus(daemon_for: 
         assert ask(c, "c").status_code == 200
         assert loaded(c) == {"pinned", "tp", "c"}
         metrics = c.get("/metrics").text
-    assert counter(metrics, "unified_inference_engine_evictions_total", model="pinned", action="stop") == 0
-    assert counter(metrics, "unified_inference_engine_evictions_total", model="b", action="stop") == 1
+    assert (
+        counter(
+            metrics, "unified_inference_engine_evictions_total", model="pinned", action="stop", replica="0"
+        )
+        == 0
+    )
+    assert (
+        counter(metrics, "unified_inference_engine_evictions_total", model="b", action="stop", replica="0")
+        == 1
+    )
 
 
 def test_a_start_that_runs_out_of_memory_says_so(daemon_for: Any, tmp_path: Path) -> None:
@@ -381,7 +399,8 @@ async def test_simultaneous_requests_for_room_cause_one_eviction_and_one_start(
     assert status["c"]["starts"] == 1
     assert status["a"]["state"] == "stopped" and status["b"]["state"] == "ready"
     evicted = [
-        counter(metrics, "unified_inference_engine_evictions_total", model=m, action="stop") for m in "ab"
+        counter(metrics, "unified_inference_engine_evictions_total", model=m, action="stop", replica="0")
+        for m in "ab"
     ]
     assert evicted == [1, 0]
 
@@ -472,9 +491,10 @@ async def test_concurrent_requests_across_more_models_than_fit_never_run_out_of_
     assert [code for codes in results for code in codes] == [200] * 72
     assert all(r["failures"] == 0 and r["last_error"] is None for r in status["models"]), status["models"]
     assert status["gpus"][0]["share_reserved"] <= 0.9 + 1e-9
-    evictions = sum(counter(metrics, "unified_inference_engine_evictions_total", model=m, action=a)
+    name = "unified_inference_engine_evictions_total"
+    evictions = sum(counter(metrics, name, model=m, action=a, replica="0")
                     for m in "abcs" for a in ("stop", "sleep"))  # fmt: skip
-    wakes = counter(metrics, "unified_inference_engine_wakes_total", model="s")
+    wakes = counter(metrics, "unified_inference_engine_wakes_total", model="s", replica="0")
     print(
         f"evictions {evictions:.0f}, wakes {wakes:.0f}, starts {sum(r['starts'] for r in status['models'])}"
     )

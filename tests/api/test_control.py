@@ -47,7 +47,10 @@ def test_health_models_status_install(daemon_for: Any) -> None:
             "pinned",
             "sleeps",
             "wakes",
+            "replica",
+            "replicas",
         }
+        assert [r["replica"] for r in status["models"][0]["replicas"]] == [0]
         install = c.get("/v1/models/install").json()
         assert install["downloads"] is False and "gguf" in install["formats"]
 

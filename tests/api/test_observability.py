@@ -38,7 +38,7 @@ def test_metrics_move_by_the_right_amounts(daemon_for: Any) -> None:
     p = "unified_inference"
     with daemon.client() as c:
         before = _samples(c)
-        assert _value(before, f"{p}_engine_starts_total", model="cpu", backend="llamacpp") == 0
+        assert _value(before, f"{p}_engine_starts_total", model="cpu", backend="llamacpp", replica="0") == 0
         assert not any(name.startswith(f"{p}_gpu_") for name, _ in before), "no GPU: GPU series are absent"
 
         for _ in range(5):
@@ -62,7 +62,7 @@ def test_metrics_move_by_the_right_amounts(daemon_for: Any) -> None:
             assert busy.status_code == 200
             spilled = c.post("/v1/completions", json={"model": "gpu", "prompt": "y", "max_tokens": 2})
             assert spilled.headers["x-served-model"] == "cpu"
-            assert _value(_samples(c), f"{p}_engine_in_flight_requests", model="gpu") == 1
+            assert _value(_samples(c), f"{p}_engine_in_flight_requests", model="gpu", replica="0") == 1
         after = _samples(c)
 
     def delta(name: str, **labels: str) -> float:
@@ -77,11 +77,15 @@ def test_metrics_move_by_the_right_amounts(daemon_for: Any) -> None:
     assert delta(f"{p}_time_to_first_token_seconds_count", model="cpu") == 1
     assert delta(f"{p}_streamed_tokens_total", model="cpu") == 8  # 7 events + llama.cpp's finish event
     assert delta(f"{p}_offloads_total", model="gpu", target="cpu") == 1
-    assert delta(f"{p}_engine_starts_total", model="cpu", backend="llamacpp") == 1
+    assert delta(f"{p}_engine_starts_total", model="cpu", backend="llamacpp", replica="0") == 1
     assert delta(f"{p}_engine_startup_seconds_count", model="cpu", backend="llamacpp") == 1
     assert delta(f"{p}_engine_startup_seconds_sum", model="cpu", backend="llamacpp") > 0
-    assert _value(after, f"{p}_engine_state", model="cpu", backend="llamacpp", state="ready") == 1
-    assert _value(after, f"{p}_engine_state", model="cpu", backend="llamacpp", state="stopped") == 0
+    assert (
+        _value(after, f"{p}_engine_state", model="cpu", backend="llamacpp", state="ready", replica="0") == 1
+    )
+    assert (
+        _value(after, f"{p}_engine_state", model="cpu", backend="llamacpp", state="stopped", replica="0") == 0
+    )
 
 
 def test_overload_rejections_and_crashes_are_counted(daemon_for: Any) -> None:
@@ -96,7 +100,9 @@ def test_overload_rejections_and_crashes_are_counted(daemon_for: Any) -> None:
         c.post("/v1/admin/models/bad/start")
         samples = _samples(c)
     assert _value(samples, f"{p}_rejected_requests_total", model="gpu", code="GPU_OVERLOADED") == 1
-    assert _value(samples, f"{p}_engine_start_failures_total", model="bad", backend="sglang") == 1
+    assert (
+        _value(samples, f"{p}_engine_start_failures_total", model="bad", backend="sglang", replica="0") == 1
+    )
 
 
 def test_request_id_is_returned_logged_and_reaches_the_engine(daemon_for: Any) -> None:

@@ -1,0 +1,120 @@
+"""Which engine serves a request: the model itself, one of its replicas, or its CPU twin.
+
+A model of one engine takes the path it always has (router/policy.py: the engine, its
+twin when saturated or without GPU room, or 429). A model with replicas asks its
+ReplicaSet (lifecycle/replicas.py, router/scaling.py): a replica under the threshold by
+its routing policy; when all are at it, a new replica starting (the request waits for
+whichever frees first); at `max`, the twin or 429. Everything here runs in the event-loop
+step that takes the lease, except `wait()`, which ends in such a step.
+"""
+
+from __future__ import annotations
+
+from api.call import Call
+from api.context import AppContext
+from config.models import ModelSpec
+from lifecycle.engine import Engine
+from lifecycle.replicas import ReplicaSet
+from lifecycle.state import EngineState
+from router.balance import affinity_key
+from router.errors import GpuOverloaded, ModelNotFound, QueueFull
+from router.policy import Route, choose_route, overflow
+from router.scaling import Decision, Overflow, Serve, Start, Wait
+
+
+class Selector:
+    def __init__(self, ctx: AppContext) -> None:
+        self.ctx = ctx
+
+    def select(self, spec: ModelSpec, call: Call) -> Engine | None:
+        """The engine for `call`, or None: every replica is busy and one is starting, so
+        the request must `wait()` for whichever frees first."""
+        models = self.ctx.manager.models
+        replicas = models[spec.name]
+        if replicas.single:
+            engine = replicas.first
+            route = choose_route(
+                spec,
+                policy=self.ctx.policy,
+                disabled=self.ctx.registry.disabled,
+                in_flight={spec.name: engine.in_flight},
+                # Only asked of a GPU model with a twin whose engine must start or wake.
+                no_room=spec.cpu_offload_model is not None and engine.state is not EngineState.READY
+                and spec.gpu_managed and not replicas.has_room(0),
+            )  # fmt: skip
+            return self._engine(route, call) if route.offloaded else engine
+        route = choose_route(spec, policy=self.ctx.policy, disabled=self.ctx.registry.disabled, in_flight={})
+        if route.offloaded:  # a GPU model in cpu mode: its twin
+            return self._engine(route, call)
+        key = self._key(replicas, call)
+        if spec.execution_mode != "gpu":
+            return replicas.any_replica(key)
+        decision = replicas.route(key, float(self.ctx.policy.threshold))
+        if isinstance(decision, Wait) or (isinstance(decision, Start) and decision.wait):
+            if replicas.waiting >= replicas.first.max_waiting:
+                self._routed(spec, "rejected")
+                raise QueueFull(
+                    f"{replicas.waiting} requests already wait for a replica of model '{spec.name}'",
+                    retry_after=1.0,
+                )
+            if isinstance(decision, Start):
+                self._routed(spec, "scale_up")
+            return None
+        return self._act(spec, replicas, decision, call)
+
+    async def wait(self, call: Call) -> Engine:
+        """Wait for a replica of the model to take `call` (bounded by STARTUP_TIMEOUT)."""
+        replicas = self.ctx.manager.models.get(call.model)
+        if replicas is None:  # removed by a reload while it waited
+            raise ModelNotFound(call.model, self.ctx.registry.names)
+        timeout = self.ctx.settings.startup_timeout
+        decision = await replicas.wait_for_replica(
+            self._key(replicas, call), float(self.ctx.policy.threshold), timeout
+        )
+        return self._act(replicas.spec, replicas, decision, call)
+
+    def _act(self, spec: ModelSpec, replicas: ReplicaSet, decision: Decision, call: Call) -> Engine:
+        if isinstance(decision, Overflow):
+            size = len(replicas.engines)
+            try:
+                route = overflow(
+                    spec, self.ctx.policy, self.ctx.registry.disabled,
+                    f"All {size} replicas of model '{spec.name}' are busy or cannot start "
+                    f"(limit {self.ctx.policy.threshold} requests each)",
+                )  # fmt: skip
+            except GpuOverloaded:
+                self._routed(spec, "rejected")
+                raise
+            self._routed(spec, "offload")
+            return self._engine(route, call)
+        assert isinstance(decision, Serve | Start)
+        if isinstance(decision, Start):
+            twin = spec.cpu_offload_model
+            usable = (
+                twin is not None
+                and twin not in self.ctx.registry.disabled
+                and self.ctx.policy.offload_enabled
+            )
+            if usable and not replicas.has_room(decision.replica):
+                route = overflow(spec, self.ctx.policy, self.ctx.registry.disabled, "no GPU room")
+                self._routed(spec, "offload")
+                return self._engine(route, call)
+            self._routed(spec, "scale_up")
+        else:
+            self._routed(spec, decision.reason)
+        return replicas.engines[decision.replica]
+
+    def _engine(self, route: Route, call: Call) -> Engine:
+        """The twin's engine (a twin with replicas picks one of them)."""
+        twin = self.ctx.manager.models[route.target]
+        return twin.first if twin.single else twin.any_replica(self._key(twin, call))
+
+    @staticmethod
+    def _key(replicas: ReplicaSet, call: Call) -> str | None:
+        if replicas.spec.routing != "prefix_affinity":
+            return None
+        session = call.session.decode("latin-1") if call.session else None
+        return affinity_key(call.payload, session)
+
+    def _routed(self, spec: ModelSpec, reason: str) -> None:
+        self.ctx.metrics.routed(spec.name, spec.routing, reason)
