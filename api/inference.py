@@ -214,6 +214,8 @@ class InferenceEndpoint:
         body, hide_usage, collect = engine_body(call, engine, self.generates)
         served = engine.spec.served_name
         extra = [(b"x-served-model", engine.name.encode()), *call.id_header]
+        if engine.spec.replicas is not None:
+            extra.append((b"x-served-replica", b"%d" % engine.replica))
         rename = self._rename(served, call.requested)
         if collect:
             chat = self.path == "/v1/chat/completions"

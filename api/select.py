@@ -69,7 +69,10 @@ class Selector:
             raise ModelNotFound(call.model, self.ctx.registry.names)
         timeout = self.ctx.settings.startup_timeout
         decision = await replicas.wait_for_replica(
-            self._key(replicas, call), float(self.ctx.policy.threshold), timeout
+            self._key(replicas, call),
+            float(self.ctx.policy.threshold),
+            timeout,
+            lambda: self._routed(replicas.spec, "scale_up"),
         )
         return self._act(replicas.spec, replicas, decision, call)
 

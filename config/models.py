@@ -128,6 +128,23 @@ class ModelSpec(BaseModel):
             data.setdefault("format", DEFAULT_FORMAT[data["backend"]])
         return data
 
+    @field_validator("replicas", mode="before")
+    @classmethod
+    def _check_replicas(cls, value: Any) -> Any:
+        """One clear message (a union's errors name its pydantic internals)."""
+        if value is None or isinstance(value, ReplicaRange):
+            return value
+        if isinstance(value, dict):
+            try:
+                return ReplicaRange.model_validate(value)
+            except ValidationError as exc:
+                errors = exc.errors()
+                why = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'range'}: {e['msg']}" for e in errors)
+                raise ValueError(f"{{min, max}}: {why}") from None
+        if type(value) is not int or value < 1:
+            raise ValueError(f"a number of replicas (1 or more) or {{min: 0, max: 4}}, not {value!r}")
+        return value
+
     @field_validator("defaults")
     @classmethod
     def _check_defaults(cls, value: dict[str, Any]) -> dict[str, Any]:

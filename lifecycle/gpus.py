@@ -125,6 +125,12 @@ def placement_problems(models: Iterable[ModelSpec], gpus: Sequence[Gpu]) -> list
     pinned = [(m.name, m.share, m.gpu_ids) for _, m in managed if m.pinned and m.gpu_ids]
     problems = []
     for i, m in managed:
+        if m.pooled and gpus and m.gpus_per_replica > len(m.gpu_ids or gpus):
+            problems.append(
+                f"models[{i}] '{m.name}': tensor_parallel_size: {m.gpus_per_replica} GPUs per replica, "
+                f"and only {len(gpus)} GPU(s) are known"
+            )
+            continue
         why = never_fits(m.name, m.share, m.gpu_ids, pinned, gpus)
         if why is not None:
             problems.append(f"models[{i}] '{m.name}': {why}")

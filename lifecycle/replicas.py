@@ -155,12 +155,17 @@ class ReplicaSet:
             self.start_replica(decision.replica)
         return decision
 
-    async def wait_for_replica(self, key: str | None, cap: float, timeout: float) -> Decision:
+    async def wait_for_replica(
+        self, key: str | None, cap: float, timeout: float, scaled: Callable[[], None]
+    ) -> Decision:
         """Wait until a replica can take the request (Serve, or Start without waiting: a
-        cold replica it will wait for), or the set overflows (Overflow), for up to `timeout`."""
+        cold replica it will wait for), or the set overflows (Overflow), for up to `timeout`.
+        `scaled` is told when the wait begins a scale-up start."""
         deadline = time.monotonic() + timeout
         while True:
             decision = self.route(key, cap)
+            if isinstance(decision, Start) and decision.wait:
+                scaled()
             if isinstance(decision, Serve | Overflow) or (isinstance(decision, Start) and not decision.wait):
                 return decision
             remaining = deadline - time.monotonic()

@@ -180,3 +180,42 @@ def test_models_that_can_never_be_placed_are_load_errors() -> None:
     invented = parse_registry({"models": [], "gpus": [{"id": 1, "memory_gb": 40}]}, SRC)
     with pytest.raises(ConfigError, match="GPU 1 is declared but the driver sees only"):
         gpus_for(invented, seen=lambda: driver)
+
+
+def test_replica_fields_are_checked_with_file_model_and_field() -> None:
+    schema = _problems({"models": [
+        _m("a", replicas={"min": 3, "max": 2}), _m("g", replicas=0), _m("h", routing="random", replicas=2),
+        _m("i", replicas={"max": 2, "mx": 3}),
+    ]})  # fmt: skip
+    assert any(p.startswith("models[0] 'a': replicas: ") and "min (3) is above max (2)" in p for p in schema)
+    assert (
+        "models[1] 'g': replicas: Value error, a number of replicas (1 or more) or {min: 0, max: 4}, not 0"
+        in schema
+    )
+    assert any(p.startswith("models[2] 'h': routing: Input should be 'round_robin'") for p in schema)
+    assert any(p.startswith("models[3] 'i': replicas: ") and "mx: Extra inputs" in p for p in schema), schema
+    problems = _problems({"models": [
+        _m("b", replicas=2, port=30001),
+        _m("c", tensor_parallel_size=2),
+        _m("d", replicas=2, gpu_id=[0], tensor_parallel_size=2),
+        {"name": "e", "backend": "llamacpp", "model_path": "x.gguf", "replicas": 2,
+         "tensor_parallel_size": 2},
+        _m("f", routing="prefix_affinity"),
+    ]})  # fmt: skip
+    assert "models[0] 'b': port: each of its 2 replicas needs its own port (unset it)" in problems
+    assert any(p.startswith("models[1] 'c': tensor_parallel_size: applies to replicas") for p in problems)
+    assert any(
+        p.startswith("models[2] 'd': tensor_parallel_size: 2 GPUs per replica from a pool of 1")
+        for p in problems
+    )
+    assert any(p.startswith("models[3] 'e': tensor_parallel_size: only GPU models") for p in problems)
+    assert "models[4] 'f': routing: applies to replicas (set replicas)" in problems
+
+
+def test_replica_ranges_read_as_min_and_max() -> None:
+    doc = {"models": [_m("fixed", replicas=3), _m("range", replicas={"min": 0, "max": 4}, gpu_id=[0, 1]),
+                      _m("one", gpu_id=[0, 1])]}  # fmt: skip
+    models = parse_registry(doc, SRC).models
+    assert models["fixed"].replica_range == (3, 3) and models["fixed"].routing == "least_loaded"
+    assert models["range"].replica_range == (0, 4) and models["range"].pooled
+    assert models["one"].replica_range == (0, 1) and not models["one"].pooled  # one tensor-parallel engine

@@ -97,3 +97,42 @@ def test_only_engines_on_a_gpu_that_lacks_room_are_evicted() -> None:
     """A tensor-parallel model short on GPU 1 only: the idle engine on GPU 0 stays."""
     holders = [holder("b", (0,), 0.45, used=1.0), holder("big", (1,), 0.95, used=2.0)]
     assert plan(Ask("tp", 0.1, (0, 1)), holders, TWO) == Evict((0, 1), (("big", "stop"),))
+
+
+def replica(
+    name: str, gpus: tuple[int, ...], share: float, *, idle: bool = False, used: float = 0.0
+) -> Holder:
+    return Holder(name, holds=True, gpus=gpus, share=share, evictable=idle, last_used=used, sleeps=False,
+                  model="m")  # fmt: skip
+
+
+def test_replicas_from_a_pool_spread_over_its_gpus_before_packing() -> None:
+    # Pack alone would put the second half-card replica beside the first (the fullest GPU).
+    first = plan(Ask("m", 0.5, (0, 1), count=1, model="m"), [], TWO)
+    assert first == Place((0,))
+    second = plan(Ask("m#1", 0.5, (0, 1), count=1, model="m"), [replica("m", (0,), 0.5)], TWO)
+    assert second == Place((1,))
+    # A third goes where it fits, beside a sibling: spreading is a preference, not a limit.
+    both = [replica("m", (0,), 0.5), replica("m#1", (1,), 0.5)]
+    third = plan(Ask("m#2", 0.5, (0, 1), count=1, model="m"), both, TWO)
+    assert third == Place((0,))
+
+
+def test_a_tensor_parallel_replica_takes_that_many_gpus_of_its_pool() -> None:
+    four = [Gpu(i, 80 * GB) for i in range(4)]
+    first = plan(Ask("m", 1.0, (), count=2, model="m"), [], four)
+    assert first == Place((0, 1))
+    second = plan(Ask("m#1", 1.0, (), count=2, model="m"), [replica("m", (0, 1), 1.0)], four)
+    assert second == Place((2, 3))
+    both = [replica("m", (0, 1), 1.0), replica("m#1", (2, 3), 1.0)]
+    third = plan(Ask("m#2", 1.0, (), count=2, model="m"), both, four)
+    assert third == Wait(("m", "m#1"))
+
+
+def test_a_replica_never_evicts_its_own_model_to_make_room() -> None:
+    idle_sibling = replica("m", (0,), 0.6, idle=True)
+    other = Holder("x", holds=True, gpus=(1,), share=0.6, evictable=True, last_used=5.0, sleeps=False)
+    decision = plan(Ask("m#1", 0.6, (0, 1), count=1, model="m"), [idle_sibling, other], TWO)
+    assert decision == Evict((1,), (("x", "stop"),))
+    alone = plan(Ask("m#1", 0.6, (0,), count=1, model="m"), [idle_sibling], TWO)
+    assert isinstance(alone, Wait)
