@@ -27,7 +27,8 @@ SLOW = {"FAKE_TOKEN_DELAY": "0.03"}
 
 def replica_rows(c: httpx.Client, model: str) -> list[dict[str, Any]]:
     rows = {m["name"]: m for m in c.get("/v1/status").json()["models"]}
-    return rows[model]["replicas"]
+    replicas: list[dict[str, Any]] = rows[model]["replicas"]
+    return replicas
 
 
 def ready_count(c: httpx.Client, model: str) -> int:
