@@ -193,6 +193,7 @@ async def admin_start(request: Request, name: str, replicas: int = Query(1, ge=1
             f"Model '{name}' has at most {len(group.engines)} replica(s) (replicas in models.yaml), "
             f"not {replicas}"
         )
+    group.held = False
     starts = [e.ensure_ready(force=True) for e in group.engines[:replicas]]
     results = await asyncio.gather(*starts, return_exceptions=True)
     for exc in results:
@@ -216,7 +217,7 @@ async def admin_stop(
     if name in ctx.registry.disabled:
         raise FormatNotSupported(f"Model '{name}' cannot run: {ctx.registry.disabled[name]}")
     grace = ctx.settings.shutdown_grace_period if timeout is None else max(0.0, timeout)
-    await group.stop(drain=0.0 if force else grace)
+    await group.stop(drain=0.0 if force else grace, hold=True)
     return JSONResponse(_status_row(group))
 
 

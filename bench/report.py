@@ -31,7 +31,15 @@ def summarize(raw: dict[str, Any]) -> dict[str, Any]:
         "rss": raw["rss"],
         "collect": raw.get("collect", {}),
         "wake": _wake_summary(raw.get("wake")),
+        "replicas": _replicas_summary(raw.get("replicas")),
     }
+
+
+def _replicas_summary(replicas: dict[str, Any] | None) -> dict[str, Any]:
+    if not replicas:
+        return {}
+    policies = {p: {k: median_of(rows, k) for k in rows[0]} for p, rows in replicas["rows"].items() if rows}
+    return {"prefill_ms": replicas["prefill_ms"], "replicas": replicas["replicas"], "policies": policies}
 
 
 def _wake_summary(wake: dict[str, Any] | None) -> dict[str, float]:
@@ -128,6 +136,7 @@ def check_targets(s: dict[str, Any]) -> list[tuple[str, str, bool]]:
             f"cold start {w['cold_ttft_ms']:.0f} ms, warm {w['warm_ttft_ms']:.0f} ms",
             w["wake_ttft_ms"] <= w["delay_ms"] + 100,
         ))  # fmt: skip
+    rows += _replica_rows(s.get("replicas"))
     ol = s["overload"]
     for model, kind in (("gpu-alone", "rejected"), ("gpu", "offloaded")):
         p99 = ol[f"{model}_{kind}_p99_ms"]
@@ -142,6 +151,37 @@ def check_targets(s: dict[str, Any]) -> list[tuple[str, str, bool]]:
     rows.append(("idle RSS <= 100 MB", f"{s['rss']['idle_mb']:.0f} MB (under streaming load "
                  f"{s['rss']['streaming_peak_mb']:.0f} MB)", s["rss"]["idle_mb"] <= 100))  # fmt: skip
     return rows
+
+
+def _replica_rows(r: dict[str, Any] | None) -> list[tuple[str, str, bool]]:
+    """Prefix affinity against round robin on the multi-turn workload: more prefix-cache hits
+    and a lower TTFT p50."""
+    if not r or not {"prefix_affinity", "round_robin"} <= set(r["policies"]):
+        return []
+    pa, rr = r["policies"]["prefix_affinity"], r["policies"]["round_robin"]
+    return [
+        ("replicas, multi-turn chat: prefix_affinity cache hit rate > round_robin",
+         f"{pa['hit_rate']:.0%} vs {rr['hit_rate']:.0%}", pa["hit_rate"] > rr["hit_rate"]),
+        ("replicas, multi-turn chat: prefix_affinity TTFT p50 < round_robin",
+         f"{pa['ttft_p50_ms']:.1f} vs {rr['ttft_p50_ms']:.1f} ms", pa["ttft_p50_ms"] < rr["ttft_p50_ms"]),
+    ]  # fmt: skip
+
+
+def replica_table(r: dict[str, Any]) -> list[str]:
+    lines = [
+        "",
+        f"## Replicas: multi-turn chat, {r['replicas']} replicas, prefill {r['prefill_ms']:.0f} ms "
+        "unless the replica has the conversation cached",
+        "",
+        "| policy | cache hit rate | TTFT p50 | TTFT p99 | TTFT mean | requests max/mean per replica |",
+        "|---|---|---|---|---|---|",
+    ]
+    for policy, row in r["policies"].items():
+        lines.append(
+            f"| {policy} | {row['hit_rate']:.0%} | {row['ttft_p50_ms']:.1f} ms | {row['ttft_p99_ms']:.1f} ms "
+            f"| {row['ttft_mean_ms']:.1f} ms | {row['load_max_over_mean']:.2f} |"
+        )
+    return lines
 
 
 def markdown(s: dict[str, Any], targets: list[tuple[str, str, bool]], meta: dict[str, Any]) -> str:
@@ -176,6 +216,8 @@ def markdown(s: dict[str, Any], targets: list[tuple[str, str, bool]], meta: dict
             f"| {name} | {r['ttft_p50_ms']:.1f} ms | {r['ttft_p99_ms']:.1f} ms | {r['gap_p99_ms']:.1f} ms "
             f"| {r['errors']:.0f} | {r['ttft_p50_ms'] / st['direct']['ttft_p50_ms']:.2f} |"
         )
+    if s.get("replicas"):
+        lines += replica_table(s["replicas"])
     lines += ["", "## Targets", "", "| target | measured | met |", "|---|---|---|"]
     lines += [f"| {t} | {m} | {'yes' if ok else '**no**'} |" for t, m, ok in targets]
     lines += ["", f"Direct, 1 connection: {direct1['rps']:.0f} req/s, p50 {direct1['p50_ms']:.3f} ms.", ""]

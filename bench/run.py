@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from bench import report, scenarios
+from bench import affinity, report, scenarios
 from bench.load import wrk_available
 from bench.procs import ROUTERS, Proc, engine_url, router_available, start_daemon, start_router
 from bench.scenarios import RssSampler, Target
@@ -166,6 +166,13 @@ def measure_wake(args: argparse.Namespace, work: Path, procs: list[Proc], raw: d
         raw["wake"]["rows"].append(scenarios.wake_vs_cold(daemon, "sleeper"))
 
 
+def measure_replicas(args: argparse.Namespace, work: Path, procs: list[Proc], raw: dict[str, Any]) -> None:
+    daemon = start_daemon(work / "replicas", affinity.models(), OFFLOAD_QUEUE_THRESHOLD="1000")
+    procs.append(daemon)
+    affinity.run(daemon, 1, conversations=6, turns=2)  # warm-up: connections, first requests
+    raw["replicas"] = affinity.run(daemon, args.rounds)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="ui-bench-"))
@@ -179,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         procs.append(overload_daemon)
         raw["overload"] = scenarios.overload(overload_daemon, 3, args.duration)
         measure_wake(args, work, procs, raw)
+        measure_replicas(args, work, procs, raw)
     finally:
         for proc in reversed(procs):
             proc.stop()

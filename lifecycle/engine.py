@@ -241,10 +241,14 @@ class Engine:
 
     @property
     def up(self) -> bool:
-        """Serving or on its way to: ready, or a start or wake in progress."""
-        if self._state in (EngineState.READY, EngineState.STARTING, EngineState.WAKING):
+        """Serving or on its way to: ready (with no stop or sleep begun: its task may not have
+        run yet), or a start or wake in progress (placement included)."""
+        state, busy = self._state, self._current() is not None
+        if state is EngineState.READY:
+            return not busy
+        if state in (EngineState.STARTING, EngineState.WAKING):
             return True
-        return self._state is not EngineState.STOPPING and self._current() is not None
+        return busy and state is not EngineState.STOPPING
 
     @property
     def startable(self) -> bool:

@@ -29,6 +29,7 @@ from collections.abc import Callable
 
 from backends.base import Backend
 from config.models import EngineOverride, ModelSpec
+from lifecycle.capacity import Place
 from lifecycle.engine import Engine, EngineServices
 from lifecycle.state import EngineError, EngineState, EngineStatus
 from router.balance import HashRing
@@ -54,6 +55,8 @@ class ReplicaSet:
         self.waiting = 0  # requests waiting for a replica to free
         self._changed = asyncio.Event()
         self._starts: set[asyncio.Task[None]] = set()
+        # An operator stopped the model: `min` is not restored until a request or a start.
+        self.held = False
         self._resize(spec, backend, override)
 
     # ----------------------------------------------------------------- shape
@@ -148,6 +151,7 @@ class ReplicaSet:
 
     def route(self, key: str | None, cap: float) -> Decision:
         """Decide, and begin a scale-up start the decision asks for (when it has room)."""
+        self.held = False
         decision = self.decide(key, cap)
         if isinstance(decision, Start) and decision.wait:
             if not self.has_room(decision.replica):
@@ -190,20 +194,27 @@ class ReplicaSet:
 
     def maintain(self, allowed: Callable[[ModelSpec], bool]) -> int:
         """Start replicas until `min` are up (at start-up, after a crash, after a reload);
-        returns how many starts were begun."""
+        returns how many starts were begun. Not while an operator holds the model stopped,
+        and a GPU replica only where it fits without evicting anything (else an evicted
+        replica, restarted, would evict in turn: churn)."""
         floor = self.spec.replica_range[0]
         up = sum(1 for e in self.engines if e.up)
         begun = 0
-        if floor and up < floor and allowed(self.spec):
-            for engine in self.engines:
-                if up + begun >= floor:
-                    break
-                if engine.startable:
-                    self.start_replica(engine.replica)
-                    begun += 1
+        if self.held or not floor or up >= floor or not allowed(self.spec):
+            return 0
+        budget = self._services.budget if self.spec.gpu_managed else None
+        for engine in self.engines:
+            if up + begun >= floor:
+                break
+            if engine.startable and (budget is None or isinstance(budget.decide(engine), Place)):
+                self.start_replica(engine.replica)
+                begun += 1
         return begun
 
-    async def stop(self, *, drain: float = 0.0) -> None:
+    async def stop(self, *, drain: float = 0.0, hold: bool = False) -> None:
+        """Stop every replica; `hold` (an operator's stop): keep them stopped, `min` included,
+        until the next request or start."""
+        self.held = self.held or hold
         await asyncio.gather(*(e.stop(drain=drain) for e in self.engines))
 
     # ----------------------------------------------------------------- views

@@ -70,6 +70,7 @@ def test_quick_benchmark_run_writes_its_reports(tmp_path: Path) -> None:
     assert {"direct", "daemon"} <= set(results["summary"]["nonstream"])
     assert (tmp_path / "results.png").stat().st_size > 10_000
     assert "| daemon |" in (tmp_path / "results.md").read_text()
+    assert "| prefix_affinity |" in (tmp_path / "results.md").read_text()
 
 
 def test_the_llama_cpp_collection_cost_is_judged_against_the_engine_alone() -> None:
@@ -81,3 +82,16 @@ def test_the_llama_cpp_collection_cost_is_judged_against_the_engine_alone() -> N
     met = {t: ok for t, _, ok in check_targets(summarize(raw))}
     rows = [t for t in met if t.startswith("llama.cpp non-streaming")]
     assert [met[t] for t in rows] == [True, False] and "8 tokens" in rows[0]
+
+
+def test_prefix_affinity_is_judged_against_round_robin_on_the_multi_turn_workload() -> None:
+    def row(hit: float, p50: float) -> list[dict[str, float]]:
+        return [{"hit_rate": hit, "ttft_p50_ms": p50, "ttft_p99_ms": 60.0, "ttft_mean_ms": p50 * 2,
+                 "load_max_over_mean": 1.1, "requests": 144.0}]  # fmt: skip
+
+    raw = _raw(daemon_rps=6100, daemon_ttft=110)
+    rows = {"round_robin": row(0.58, 5.8), "least_loaded": row(0.64, 4.2), "prefix_affinity": row(0.80, 6.0)}
+    raw["replicas"] = {"prefill_ms": 50.0, "replicas": 3, "rows": rows}
+    met = {t: ok for t, _, ok in check_targets(summarize(raw))}
+    assert met["replicas, multi-turn chat: prefix_affinity cache hit rate > round_robin"]
+    assert not met["replicas, multi-turn chat: prefix_affinity TTFT p50 < round_robin"]
