@@ -1,4 +1,8 @@
-"""One model's engine: the single owner of its process and its state.
+"""One engine (a model's, or one replica of it): the single owner of its state and intent.
+
+How its process is started, probed, stopped and where it listens is its placement's
+(`self.process`, lifecycle/placement.py: a local process group today); a model with
+replicas is a set of engines (lifecycle/replicas.py).
 
 Invariants (the reasons are peers' bugs, see ANCHORS.md):
 
@@ -33,51 +37,33 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import secrets
 import time
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from backends.base import LOOPBACK, Backend, LaunchContext, SleepRoutes
+from backends.base import Backend, SleepRoutes
 from config.models import EngineOverride, ModelSpec
-from config.settings import Settings, resolve_timeouts
-from lifecycle.budget import GpuBudget
+from config.settings import resolve_timeouts
 from lifecycle.gpus import describe_processes, gpu_processes
-from lifecycle.model_files import ModelFileError, ModelFiles
-from lifecycle.pidrecords import PidRecords
-from lifecycle.ports import free_port
-from lifecycle.probe import Prober
-from lifecycle.process import (
-    EngineProcess,
-    LogTail,
-    descendants,
-    kill_group_now,
-    pump_output,
-    spawn,
-    terminate_group,
-)
+from lifecycle.placement import LocalPlacement
+from lifecycle.process import LogTail
+from lifecycle.services import EngineServices
 from lifecycle.state import (
     EngineBackingOff,
     EngineDraining,
     EngineError,
-    EngineEvents,
     EngineQueueFull,
     EngineStartError,
     EngineState,
     EngineStatus,
-    NoEvents,
     check_transition,
 )
 
 log = logging.getLogger(__name__)
 
-READY_POLL_INTERVAL = 0.025  # seconds between readiness probes during a start
 # An engine that stayed up this long before it failed had recovered: its earlier
 # failures no longer count towards the back-off.
 STABLE_AFTER = 60.0
-PROBE_TIMEOUT = 2.0
 ERROR_TAIL_LINES = 15
 BACKOFF_CAP = 60.0
 SLEEP_CALL_TIMEOUT = 60.0  # an engine's sleep route frees memory; it should not take longer
@@ -89,20 +75,6 @@ OUT_OF_MEMORY = ("out of memory", "outofmemoryerror", "less than desired gpu mem
 def backoff_delay(failures: int) -> float:
     """Seconds before the next automatic start: none after the first failure, then 1, 2, 4 … 60."""
     return 0.0 if failures <= 1 else min(BACKOFF_CAP, 2.0 ** (failures - 2))
-
-
-@dataclass(frozen=True)
-class EngineServices:
-    """What every engine shares, built once by the manager."""
-
-    settings: Settings
-    base_env: dict[str, str]
-    prober: Prober
-    pid_records: PidRecords
-    model_files: ModelFiles
-    log_dir: Path
-    events: EngineEvents = field(default_factory=NoEvents)
-    budget: GpuBudget | None = None  # GPU placement; None: GPU engines start unplaced
 
 
 class Lease:
@@ -139,16 +111,11 @@ class Engine:
         self.key = spec.name if replica == 0 else f"{spec.name}#{replica}"
         self._configure(spec, backend, override)
         self.log = LogTail(services.log_dir / f"{self.key}.log")
+        self.process = LocalPlacement(self.key, services, self.log)  # how and where it runs
         self._state = EngineState.STOPPED
         self._changed = asyncio.Condition()
         self._transition: asyncio.Task[None] | None = None
         self._abort = asyncio.Event()
-        self._proc: EngineProcess | None = None
-        self._exited: asyncio.Task[int] | None = None
-        self._pump: asyncio.Task[None] | None = None
-        self._port: int | None = None
-        self.api_key: str | None = None  # this launch's key; only the daemon knows it
-        self.keep_alive = 0.0  # how long this launch keeps an idle connection open
         self._idle_handle: asyncio.TimerHandle | None = None
         self._idle = asyncio.Event()
         self._idle.set()
@@ -196,11 +163,21 @@ class Engine:
 
     @property
     def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
+        return self.process.pid
 
     @property
     def base_url(self) -> str:
-        return f"http://{LOOPBACK}:{self._port}"
+        return self.process.base_url
+
+    @property
+    def api_key(self) -> str | None:
+        """This launch's key; only the daemon knows it."""
+        return self.process.api_key
+
+    @property
+    def keep_alive(self) -> float:
+        """How long this launch keeps an idle connection open."""
+        return self.process.keep_alive
 
     @property
     def idle_timeout(self) -> float:
@@ -266,7 +243,7 @@ class Engine:
             backend=self.spec.backend,
             state=self._state,
             pid=self.pid,
-            port=self._port,
+            port=self.process.port,
             in_flight=self.in_flight,
             draining=self._draining,
             starts=self.starts,
@@ -413,6 +390,11 @@ class Engine:
         else:
             await self._stop_now()
 
+    def adopt(self, spec: ModelSpec) -> None:
+        """A changed entry that does not touch the process (how many replicas, routing):
+        taken at once, without a restart."""
+        self._configure(spec, self.backend, self._override)
+
     def replace_spec(self, spec: ModelSpec, backend: Backend, override: EngineOverride | None) -> None:
         """Take a changed models.yaml entry: at once if stopped, else when next idle."""
         self._pending = (spec, backend, override)
@@ -454,10 +436,12 @@ class Engine:
     def check_exited(self) -> bool:
         """After a refused connection: has the process died? If so, start the crash stop
         now rather than when the exit notice is processed, so a retry waits for a new engine."""
-        proc = self._proc
-        if proc is None or proc.popen.poll() is None:
-            return proc is None
-        self._stop_crashed(proc.returncode)
+        if self.process.pid is None:
+            return True
+        code = self.process.exit_code()
+        if code is None:
+            return False
+        self._stop_crashed(code)
         return True
 
     def _stop_crashed(self, code: int | None) -> None:
@@ -473,8 +457,7 @@ class Engine:
 
     def kill_now(self) -> None:
         """Synchronous last resort at interpreter exit."""
-        if self._proc is not None and self._proc.returncode is None:
-            kill_group_now(self._proc.pid, descendants(self._proc.pid))
+        self.process.kill_now()
 
     # ------------------------------------------------------------ transitions
 
@@ -572,8 +555,8 @@ class Engine:
         self._set(EngineState.READY)
         events.started(self.name, self.spec.backend, time.monotonic() - began, self.replica)
         log.info("engine '%s' ready on %s (pid %s)", self.name, self.base_url, self.pid)
-        assert self._exited is not None
-        asyncio.get_running_loop().create_task(self._watch_exit(self._exited))
+        assert self.process.exited is not None
+        asyncio.get_running_loop().create_task(self._watch_exit(self.process.exited))
         if self.in_flight == 0:
             self._arm_idle()
             if self._pending is not None:  # changed while starting: restart once this start ends
@@ -587,59 +570,14 @@ class Engine:
         return EngineStartError(self.name, text, tail)
 
     async def _launch(self) -> None:
-        settings = self._services.settings
-        self._port = self.spec.port or free_port()
-        # Hex, never url-safe base64: a key starting with "-" reads as a flag to argparse.
-        self.api_key = secrets.token_hex(24)
-        try:
-            model_path = await asyncio.to_thread(self._services.model_files.resolve, self.spec.model_path)
-        except ModelFileError as exc:
-            raise self._start_error(str(exc)) from exc
-        ctx = LaunchContext(
-            port=self._port,
-            model_path=model_path,
-            base_env=self._services.base_env,
-            command=self._override.command if self._override else None,
-            override_env=self._override.env if self._override else {},
-            sglang_max_running_requests=settings.sglang_max_running_requests,
-            sglang_max_total_tokens=settings.sglang_max_total_tokens,
-            api_key=self.api_key,
-            gpu_ids=self.placed or (),
-        )
-        launch = self.backend.launch(self.spec, ctx)
-        self.keep_alive = launch.keep_alive
-        self.log.secret = self.api_key
-        try:
-            self._proc = await spawn(launch.argv, launch.env, self.log)
-        except OSError as exc:
-            self.log.write(f"=== could not launch: {exc}")
-            raise self._start_error(f"could not launch '{launch.argv[0]}': {exc}") from exc
-        self._services.pid_records.write(self.key, self._proc.pid)
-        self._pump = asyncio.get_running_loop().create_task(pump_output(self._proc.output, self.log))
-        self._exited = asyncio.get_running_loop().create_task(self._proc.wait())
+        gpus = self.placed or ()
+        await self.process.launch(self.spec, self.backend, self._override, gpus, self._start_error)
 
     async def _await_ready(self, deadline: float, timeout: float) -> None:
         """Poll the readiness route until 2xx; fail as soon as the process exits."""
-        assert self._exited is not None
-        url = self.base_url + self.backend.readiness_path
-        aborted = asyncio.get_running_loop().create_task(self._abort.wait())
-        try:
-            while True:
-                if self._abort.is_set():
-                    raise self._start_error("start aborted by a stop request")
-                if self._exited.done():
-                    await self._drain_output()
-                    raise self._start_error(await self._exit_reason(self._exited.result()))
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise self._start_error(f"engine not ready after {timeout:.0f}s (STARTUP_TIMEOUT)")
-                if await self._services.prober.ok(url, min(PROBE_TIMEOUT, remaining), self.api_key):
-                    return
-                await asyncio.wait(
-                    {self._exited, aborted}, timeout=min(READY_POLL_INTERVAL, max(remaining, 0))
-                )
-        finally:
-            aborted.cancel()
+        await self.process.await_ready(
+            self.backend.readiness_path, deadline, timeout, self._abort, self._start_error, self._exit_reason
+        )
 
     async def _exit_reason(self, code: int) -> str:
         """Why the start failed. An engine that ran out of GPU memory is said to have, with what
@@ -652,15 +590,9 @@ class Engine:
         seen = describe_processes(await asyncio.to_thread(gpu_processes, gpus))
         return f"out of GPU memory: the engine exited with code {code} during start ({held}{seen})"
 
-    async def _drain_output(self) -> None:
-        # The pipe may stay open if a child inherited it: do not wait long.
-        if self._pump is not None:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(asyncio.shield(self._pump), 0.5)
-
     async def _watch_exit(self, exited: asyncio.Task[int]) -> None:
         code = await exited
-        if self._exited is exited:
+        if self.process.exited is exited:
             self._stop_crashed(code)
 
     async def _run_stop(self, final: EngineState, reason: str | None) -> None:
@@ -722,24 +654,7 @@ class Engine:
         return False
 
     async def _terminate(self) -> None:
-        """Stop the process group (SIGTERM, grace, SIGKILL) and forget the process."""
-        proc, self._proc = self._proc, None
-        if proc is not None:
-            grace = self._services.settings.stop_grace_period
-            killed = await terminate_group(proc.pid, grace, extra=descendants(proc.pid))
-            if killed:
-                self.log.write(f"=== did not exit within {grace:.1f}s of SIGTERM: killed")
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(proc.wait(), 5.0)
-            self._services.pid_records.remove(self.key, proc.pid)
-            await self._drain_output()  # the group is gone: its last lines are in the pipe
-            self.log.write(f"=== exited with code {proc.returncode}")
-        if self._pump is not None:
-            self._pump.cancel()
-            self._pump = None
-        if proc is not None:
-            proc.close_output()
-        self._exited = None
-        self._port = None
+        """Stop the process group and forget it; its GPU memory is free again."""
+        await self.process.terminate()
         if self._services.budget is not None:
             self._services.budget.release(self)  # the process group is gone: so is its memory

@@ -21,12 +21,13 @@ from config.models import EngineOverride, ModelSpec, Registry
 from config.settings import Settings
 from lifecycle.budget import GpuBudget
 from lifecycle.capacity import Gpu
-from lifecycle.engine import Engine, EngineServices
+from lifecycle.engine import Engine
 from lifecycle.gpus import gpus_for
 from lifecycle.model_files import ModelFiles
 from lifecycle.pidrecords import PidRecords
 from lifecycle.probe import Prober
 from lifecycle.replicas import ReplicaSet
+from lifecycle.services import EngineServices
 from lifecycle.state import EngineEvents, EngineState, NoEvents
 
 log = logging.getLogger(__name__)

@@ -30,7 +30,8 @@ from collections.abc import Callable
 from backends.base import Backend
 from config.models import EngineOverride, ModelSpec
 from lifecycle.capacity import Place
-from lifecycle.engine import Engine, EngineServices
+from lifecycle.engine import Engine
+from lifecycle.services import EngineServices
 from lifecycle.state import EngineError, EngineState, EngineStatus
 from router.balance import HashRing
 from router.scaling import Decision, Overflow, Serve, Start, View, decide, least_loaded_any
@@ -90,9 +91,16 @@ class ReplicaSet:
         self, spec: ModelSpec, backend: Backend, override: EngineOverride | None
     ) -> list[Engine]:
         """A changed models.yaml entry: each kept replica takes it (at once if stopped, else
-        when idle); replicas past the new `max` are returned for the caller to drain and stop."""
+        when idle; at once when only `replicas` or `routing` changed, which touch no process);
+        replicas past the new `max` are returned for the caller to drain and stop."""
+        old = self.spec
+        unchanged = spec.model_copy(update={"replicas": old.replicas, "routing": old.routing}) == old
+        same_process = unchanged and override == self.first.override
         for engine in self.engines[: spec.replica_range[1]]:
-            engine.replace_spec(spec, backend, override)
+            if same_process:
+                engine.adopt(spec)
+            else:
+                engine.replace_spec(spec, backend, override)
         return self._resize(spec, backend, override)
 
     # ----------------------------------------------------------- the snapshot

@@ -250,6 +250,11 @@ def test_a_scaled_model_grows_under_load_spills_at_max_and_shrinks_back(
         holds_for(lambda: [r["state"] for r in replica_rows(c, "grow")][kept] == "ready", 3.0)
         assert ready_count(c, "grow") == 1
 
+        too_many = c.post("/v1/admin/models/grow/start", params={"replicas": 4})
+        assert too_many.status_code == 400 and "at most 3 replica" in too_many.json()["error"]["message"]
+        stopped = c.post("/v1/admin/models/grow/stop").json()  # every replica, min included
+        assert [r["state"] for r in stopped["replicas"]] == ["stopped"] * 3 and stopped["state"] == "stopped"
+
 
 def holds_for(predicate: Any, seconds: float) -> None:
     """Assert `predicate` stays true at every poll for `seconds` (a property over time)."""

@@ -41,3 +41,31 @@ async def test_min_replicas_start_with_the_manager_and_come_back_after_a_crash(m
     await replicas.stop(hold=True)  # an operator's stop holds: min is not restored
     manager.maintain()
     assert [e.state for e in replicas.engines] == [EngineState.STOPPED, EngineState.STOPPED]
+
+
+async def test_a_reload_grows_and_shrinks_the_set_stopping_only_the_replicas_past_max(
+    manager_for: Any, tmp_path: Any
+) -> None:
+    from config.models import parse_registry
+    from tests.helpers import registry_doc
+
+    manager = await manager_for(fake_model("m", replicas=3))
+    replicas = manager.models["m"]
+    for engine in replicas.engines:
+        await engine.wait_for_state(EngineState.READY, timeout=30)
+    first, third = replicas.engines[0], replicas.engines[2]
+    doc = registry_doc(fake_model("m", replicas={"min": 1, "max": 2}))
+    report = manager.reload(parse_registry(doc, tmp_path / "models.yaml"))
+    assert report.changed == ["m"] and len(replicas.engines) == 2
+    await third.wait_for_state(EngineState.STOPPED, timeout=30)  # past the new max: drained and stopped
+    assert third.pid is None
+    assert first.state is EngineState.READY and first.starts == 1  # replicas changed, not its process
+    grown = registry_doc(fake_model("m", replicas=4))
+    manager.reload(parse_registry(grown, tmp_path / "models.yaml"))
+    assert [e.replica for e in replicas.engines] == [0, 1, 2, 3]
+    for engine in replicas.engines:  # the new min (4) is brought up
+        await engine.wait_for_state(EngineState.READY, timeout=30)
+    assert (
+        sorted({e.pid for e in replicas.engines if e.pid is not None})
+        and len({e.pid for e in replicas.engines}) == 4
+    )

@@ -1,0 +1,156 @@
+"""Where and how one engine's process runs: the seam between an engine's state and its process.
+
+The Engine (lifecycle/engine.py) owns state and intent: when to start, stop, sleep,
+what a failure means. A placement owns how the process is started, probed, stopped and
+where it listens. `LocalPlacement` runs it on this host as a process group on a loopback
+port; placing engines elsewhere (a Ray cluster) is another implementation of the same
+few methods.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+
+from backends.base import LOOPBACK, Backend, LaunchContext
+from config.models import EngineOverride, ModelSpec
+from lifecycle.model_files import ModelFileError
+from lifecycle.ports import free_port
+from lifecycle.process import (
+    EngineProcess,
+    LogTail,
+    descendants,
+    kill_group_now,
+    pump_output,
+    spawn,
+    terminate_group,
+)
+from lifecycle.services import EngineServices
+from lifecycle.state import EngineStartError
+
+READY_POLL_INTERVAL = 0.025  # seconds between readiness probes during a start
+PROBE_TIMEOUT = 2.0
+Fail = Callable[[str], EngineStartError]  # the engine's start error, with its last output lines
+
+
+class LocalPlacement:
+    """One engine's process on this host: its process group, port, launch key and output."""
+
+    def __init__(self, key: str, services: EngineServices, log: LogTail) -> None:
+        self.key = key  # the pid record's name
+        self._services = services
+        self.log = log
+        self._proc: EngineProcess | None = None
+        self.exited: asyncio.Task[int] | None = None  # done when the process has exited
+        self._pump: asyncio.Task[None] | None = None
+        self.port: int | None = None
+        self.api_key: str | None = None  # this launch's key; only the daemon knows it
+        self.keep_alive = 0.0  # how long this launch keeps an idle connection open
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{LOOPBACK}:{self.port}"
+
+    def exit_code(self) -> int | None:
+        """The exit code once the process has exited (without waiting for the exit notice)."""
+        return self._proc.popen.poll() if self._proc is not None else None
+
+    async def launch(
+        self, spec: ModelSpec, backend: Backend, override: EngineOverride | None, gpu_ids: tuple[int, ...],
+        fail: Fail,
+    ) -> None:  # fmt: skip
+        settings = self._services.settings
+        self.port = spec.port or free_port()
+        # Hex, never url-safe base64: a key starting with "-" reads as a flag to argparse.
+        self.api_key = secrets.token_hex(24)
+        try:
+            model_path = await asyncio.to_thread(self._services.model_files.resolve, spec.model_path)
+        except ModelFileError as exc:
+            raise fail(str(exc)) from exc
+        ctx = LaunchContext(
+            port=self.port,
+            model_path=model_path,
+            base_env=self._services.base_env,
+            command=override.command if override else None,
+            override_env=override.env if override else {},
+            sglang_max_running_requests=settings.sglang_max_running_requests,
+            sglang_max_total_tokens=settings.sglang_max_total_tokens,
+            api_key=self.api_key,
+            gpu_ids=gpu_ids,
+        )
+        launch = backend.launch(spec, ctx)
+        self.keep_alive = launch.keep_alive
+        self.log.secret = self.api_key
+        try:
+            self._proc = await spawn(launch.argv, launch.env, self.log)
+        except OSError as exc:
+            self.log.write(f"=== could not launch: {exc}")
+            raise fail(f"could not launch '{launch.argv[0]}': {exc}") from exc
+        self._services.pid_records.write(self.key, self._proc.pid)
+        loop = asyncio.get_running_loop()
+        self._pump = loop.create_task(pump_output(self._proc.output, self.log))
+        self.exited = loop.create_task(self._proc.wait())
+
+    async def await_ready(
+        self, path: str, deadline: float, timeout: float, abort: asyncio.Event, fail: Fail,
+        exit_reason: Callable[[int], Awaitable[str]],
+    ) -> None:  # fmt: skip
+        """Poll the readiness route `path` until 2xx; fail as soon as the process exits."""
+        exited = self.exited
+        assert exited is not None
+        url = self.base_url + path
+        aborted = asyncio.get_running_loop().create_task(abort.wait())
+        try:
+            while True:
+                if abort.is_set():
+                    raise fail("start aborted by a stop request")
+                if exited.done():
+                    await self.drain_output()
+                    raise fail(await exit_reason(exited.result()))
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise fail(f"engine not ready after {timeout:.0f}s (STARTUP_TIMEOUT)")
+                if await self._services.prober.ok(url, min(PROBE_TIMEOUT, remaining), self.api_key):
+                    return
+                await asyncio.wait({exited, aborted}, timeout=min(READY_POLL_INTERVAL, max(remaining, 0)))
+        finally:
+            aborted.cancel()
+
+    async def drain_output(self) -> None:
+        # The pipe may stay open if a child inherited it: do not wait long.
+        if self._pump is not None:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._pump), 0.5)
+
+    async def terminate(self) -> None:
+        """Stop the process group (SIGTERM, grace, SIGKILL) and forget the process."""
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            grace = self._services.settings.stop_grace_period
+            killed = await terminate_group(proc.pid, grace, extra=descendants(proc.pid))
+            if killed:
+                self.log.write(f"=== did not exit within {grace:.1f}s of SIGTERM: killed")
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(proc.wait(), 5.0)
+            self._services.pid_records.remove(self.key, proc.pid)
+            await self.drain_output()  # the group is gone: its last lines are in the pipe
+            self.log.write(f"=== exited with code {proc.returncode}")
+        if self._pump is not None:
+            self._pump.cancel()
+            self._pump = None
+        if proc is not None:
+            proc.close_output()
+        self.exited = None
+        self.port = None
+
+    def kill_now(self) -> None:
+        """Synchronous last resort (interpreter exit, a cancelled start)."""
+        if self._proc is not None and self._proc.returncode is None:
+            kill_group_now(self._proc.pid, descendants(self._proc.pid))
