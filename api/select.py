@@ -32,7 +32,8 @@ class Selector:
         models = self.ctx.manager.models
         replicas = models[spec.name]
         if replicas.single:
-            replicas.held = False  # a request ends an operator's hold (only `replicas: 1` has a min)
+            if replicas.held:  # a request ends an operator's hold (only `replicas: 1` has a min)
+                replicas.held = False
             engine = replicas.first
             route = choose_route(
                 spec,

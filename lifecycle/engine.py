@@ -41,7 +41,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from backends.base import Backend, SleepRoutes
+from backends.base import LOOPBACK, Backend, SleepRoutes
 from config.models import EngineOverride, ModelSpec
 from config.settings import resolve_timeouts
 from lifecycle.gpus import describe_processes, gpu_processes
@@ -112,6 +112,8 @@ class Engine:
         self._configure(spec, backend, override)
         self.log = LogTail(services.log_dir / f"{self.key}.log")
         self.process = LocalPlacement(self.key, services, self.log)  # how and where it runs
+        self.api_key: str | None = None  # this launch's key; only the daemon knows it
+        self.keep_alive = 0.0  # how long this launch keeps an idle connection open
         self._state = EngineState.STOPPED
         self._changed = asyncio.Condition()
         self._transition: asyncio.Task[None] | None = None
@@ -167,17 +169,7 @@ class Engine:
 
     @property
     def base_url(self) -> str:
-        return self.process.base_url
-
-    @property
-    def api_key(self) -> str | None:
-        """This launch's key; only the daemon knows it."""
-        return self.process.api_key
-
-    @property
-    def keep_alive(self) -> float:
-        """How long this launch keeps an idle connection open."""
-        return self.process.keep_alive
+        return f"http://{LOOPBACK}:{self.process.port}"
 
     @property
     def idle_timeout(self) -> float:
@@ -572,6 +564,8 @@ class Engine:
     async def _launch(self) -> None:
         gpus = self.placed or ()
         await self.process.launch(self.spec, self.backend, self._override, gpus, self._start_error)
+        # Read on every request: plain attributes, copied from this launch.
+        self.api_key, self.keep_alive = self.process.api_key, self.process.keep_alive
 
     async def _await_ready(self, deadline: float, timeout: float) -> None:
         """Poll the readiness route until 2xx; fail as soon as the process exits."""

@@ -56,6 +56,7 @@ class ReplicaSet:
         self.waiting = 0  # requests waiting for a replica to free
         self._changed = asyncio.Event()
         self._starts: set[asyncio.Task[None]] = set()
+        self.single = True  # one engine: the request path skips the set's decision
         # An operator stopped the model: `min` is not restored until a request or a start.
         self.held = False
         self._resize(spec, backend, override)
@@ -70,21 +71,19 @@ class ReplicaSet:
     def first(self) -> Engine:
         return self.engines[0]
 
-    @property
-    def single(self) -> bool:
-        return len(self.engines) == 1
-
     def _resize(self, spec: ModelSpec, backend: Backend, override: EngineOverride | None) -> list[Engine]:
         """Grow or shrink to `spec`'s `max`; return the replicas removed (the caller stops them)."""
         self.spec = spec
         want = spec.replica_range[1]
         while len(self.engines) < want:
             engine = Engine(spec, backend, self._services, override, replica=len(self.engines))
-            engine.on_change = self._on_change
             engine.may_idle_stop = self._may_idle_stop
             self.engines.append(engine)
         removed = self.engines[want:]
         del self.engines[want:]
+        self.single = want == 1
+        for engine in self.engines:  # only a set of several has requests waiting for a replica
+            engine.on_change = None if self.single else self._on_change
         return removed
 
     def replace_spec(

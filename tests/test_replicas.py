@@ -267,8 +267,10 @@ def holds_for(predicate: Any, seconds: float) -> None:
 def test_two_gpu_replicas_from_a_pool_of_two_get_different_gpus(daemon_for: Any, tmp_path: Path) -> None:
     ledger = tmp_path / "ledger.json"
     doc = registry_doc(fake_model("pool", replicas=2, gpu_id=[0, 1], gpu_memory=0.5))
-    for engine in doc["engines"].values():
-        engine["env"] = {"FAKE_GPU_LEDGER": str(ledger)}
+    # Copies: registry_doc's engines are the shared FAKE_ENGINES (changing them would leak the
+    # ledger into every later test of the session).
+    env = {"FAKE_GPU_LEDGER": str(ledger)}
+    doc["engines"] = {b: {**cmd, "env": env} for b, cmd in doc["engines"].items()}
     doc["gpus"] = [{"id": 0, "memory_gb": 80}, {"id": 1, "memory_gb": 80}]
     daemon: Daemon = daemon_for(doc).start()
     with daemon.client() as c:
