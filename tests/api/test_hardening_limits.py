@@ -124,6 +124,9 @@ def test_tokens_per_minute_is_charged_when_the_client_disconnects(daemon: Daemon
 def test_tokens_per_minute_is_charged_for_an_abandoned_non_streaming_request(daemon: Daemon) -> None:
     """Finding 2, not streaming: the client leaves after 0.3 s of a 120-token answer."""
     with daemon.client() as c:
+        # Started first: the 0.3 s must be spent generating (a fake engine's cold start takes
+        # about that long, and a request abandoned before any engine saw it costs nothing).
+        c.post("/v1/admin/models/slow/start").raise_for_status()
         body = {"model": "slow", "prompt": "x", "max_tokens": 120}
         with pytest.raises(httpx.ReadTimeout):
             c.post("/v1/completions", json=body, headers=_auth(METERED), timeout=httpx.Timeout(30, read=0.3))
