@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from api.activity import Activity
 from api.auth import Authenticator
 from api.metrics import Metrics
 from config.models import Registry
@@ -20,6 +21,7 @@ class AppContext:
     execution_mode: ExecutionMode
     metrics: Metrics
     auth: Authenticator
+    activity: Activity = field(default_factory=Activity)  # recent requests and rates (the dashboard)
 
     @property
     def registry(self) -> Registry:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Query, Request
@@ -27,6 +28,7 @@ from router.errors import (
     InvalidRequest,
     ModelNotFound,
     ModelUnavailable,
+    NotFound,
 )
 from router.policy import choose_route
 
@@ -70,16 +72,19 @@ def _status_row(replicas: ReplicaSet) -> dict[str, Any]:
     """A model's row: its one engine's fields (with replicas: the sums, the best state, the
     first running replica's pid and port, every GPU used), and `replicas`, one row each."""
     rows = [_engine_row(s) for s in replicas.statuses()]
+    mode = replicas.spec.execution_mode
     if len(rows) == 1:
-        return {**rows[0], "replicas": rows}
+        return {**rows[0], "execution_mode": mode, "replicas": rows}
     running = [r for r in rows if r["pid"] is not None] or rows
     row = {**running[0], "state": replicas.state.value}
-    for field in ("in_flight", "starts", "failures", "sleeps", "wakes"):
+    for field in ("in_flight", "queued", "starts", "failures", "sleeps", "wakes"):
         row[field] = sum(r[field] for r in rows)
+    row["queued"] += replicas.waiting  # waiting for a replica to free
     row["draining"] = any(r["draining"] for r in rows)
     row["gpu_ids"] = sorted({g for r in rows for g in r["gpu_ids"]})
     used = [r["last_used"] for r in rows if r["last_used"] is not None]
     row["last_used"] = max(used) if used else None
+    row["execution_mode"] = mode
     row["replicas"] = rows
     return row
 
@@ -126,7 +131,18 @@ async def list_models(request: Request, model: str | None = None) -> dict[str, A
 
 @get("/v1/status")
 async def status(request: Request) -> dict[str, Any]:
+    return await _status(_ctx(request))
+
+
+@get("/v1/dashboard")
+async def dashboard(request: Request) -> dict[str, Any]:
+    """What the dashboard (/ui) shows: /v1/status, the last requests, and per model a few
+    minutes of request rate, error rate and TTFT (api/activity.py: bounded ring buffers)."""
     ctx = _ctx(request)
+    return {"status": await _status(ctx), **ctx.activity.snapshot()}
+
+
+async def _status(ctx: AppContext) -> dict[str, Any]:
     rows = [_status_row(r) for r in ctx.manager.models.values()]  # one consistent snapshot
     leaders = {
         (row["name"], r["replica"]): r["pid"]
@@ -278,6 +294,29 @@ async def admin_logs(
 @get("/metrics")
 async def metrics(request: Request) -> Response:
     return Response(generate_latest(_ctx(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+UI = Path(__file__).resolve().parent / "ui"
+UI_FILES = {"index.html": "text/html", "app.js": "text/javascript", "style.css": "text/css"}
+
+
+@get("/ui")
+async def ui_page() -> Response:
+    """The dashboard: a static page (no data in it) that reads /v1/dashboard with the tab's key."""
+    return await ui_file("index.html")
+
+
+@get("/ui/{name}")
+async def ui_file(name: str) -> Response:
+    if name not in UI_FILES:
+        raise NotFound(f"No file /ui/{name}")
+    body = (UI / name).read_bytes()
+    headers = {"Cache-Control": "no-cache", "Content-Security-Policy": CSP}
+    return Response(body, media_type=f"{UI_FILES[name]}; charset=utf-8", headers=headers)
+
+
+# Everything the page loads comes from the daemon itself.
+CSP = "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; connect-src 'self'"
 
 
 @router.post("/v1/admin/reload")

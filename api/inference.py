@@ -189,9 +189,11 @@ class InferenceEndpoint:
         metrics = self.ctx.metrics
         metrics.request(call.model, call.backend, status, code, elapsed)
         relay = call.relay
+        ttft = None
         if relay is not None and relay.streaming:
             ttft = relay.first_chunk - call.t0 if relay.first_chunk is not None else None
             metrics.stream(call.model, ttft, relay.tokens)
+        self.ctx.activity.record(call.model, served, status, code, elapsed, call.request_id, ttft)
         if access_log.isEnabledFor(logging.INFO):
             access_log.info(
                 "POST %s %d%s %.1fms model=%s served=%s",

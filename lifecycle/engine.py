@@ -232,6 +232,7 @@ class Engine:
         return EngineStatus(
             name=self.name,
             replica=self.replica,
+            queued=self.waiting,
             backend=self.spec.backend,
             state=self._state,
             pid=self.pid,

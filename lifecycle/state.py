@@ -115,6 +115,7 @@ class EngineStatus:
     sleeps: int = 0
     wakes: int = 0
     replica: int = 0
+    queued: int = 0  # requests waiting for it to start or wake
 
 
 class EngineEvents(Protocol):

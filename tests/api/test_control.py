@@ -49,6 +49,8 @@ def test_health_models_status_install(daemon_for: Any) -> None:
             "wakes",
             "replica",
             "replicas",
+            "queued",
+            "execution_mode",
         }
         assert [r["replica"] for r in status["models"][0]["replicas"]] == [0]
         install = c.get("/v1/models/install").json()
