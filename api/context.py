@@ -6,6 +6,7 @@ import functools
 from dataclasses import dataclass, field
 
 from api.activity import Activity
+from api.aliases import AliasTable
 from api.auth import Authenticator
 from api.metrics import Metrics
 from config.models import Registry
@@ -27,6 +28,10 @@ class AppContext:
     def registry(self) -> Registry:
         """The registry in force (a reload replaces it)."""
         return self.manager.registry
+
+    @functools.cached_property
+    def aliases(self) -> AliasTable:
+        return AliasTable(self.manager)
 
     @functools.cached_property
     def policy(self) -> OffloadPolicy:  # settings never change while the daemon runs

@@ -15,7 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from api.context import AppContext
 from api.reload import reload_registry
-from config.models import ModelSpec
+from config.models import Alias, ModelSpec
 from lifecycle.budget import EngineNoRoom
 from lifecycle.capacity import reserved
 from lifecycle.gpus import group_memory, nvml_present
@@ -123,10 +123,43 @@ async def list_models(request: Request, model: str | None = None) -> dict[str, A
     ctx = _ctx(request)
     if model is not None:
         spec = ctx.registry.models.get(model)
+        if spec is None and model in ctx.registry.aliases:
+            return _alias_card(ctx, ctx.registry.aliases[model])
         if spec is None:
             raise ModelNotFound(model, ctx.registry.names)
         return _model_card(ctx, spec)
-    return {"object": "list", "data": [_model_card(ctx, s) for s in ctx.registry.models.values()]}
+    cards = [_model_card(ctx, s) for s in ctx.registry.models.values()]
+    cards += [_alias_card(ctx, a) for a in ctx.registry.aliases.values()]
+    return {"object": "list", "data": cards}
+
+
+def _alias_card(ctx: AppContext, alias: Alias) -> dict[str, Any]:
+    described = ctx.aliases.describe(alias)
+    first = ctx.registry.models[alias.weights[0][0]]
+    return {"id": alias.name, "object": "model", "owned_by": "unified-inference", "type": first.type,
+            "alias_of": described["split"], "sticky": described["sticky"]}  # fmt: skip
+
+
+@get("/v1/aliases")
+async def list_aliases(request: Request) -> dict[str, Any]:
+    """Every alias with its live split (an operator's change shows as `overridden`)."""
+    return {"object": "list", "data": _ctx(request).aliases.listing()}
+
+
+@router.post("/v1/admin/aliases/{name}")
+async def set_alias_split(request: Request, name: str) -> dict[str, Any]:
+    """Change an alias's split at once (a rollback is a change back); kept until the next
+    reload of models.yaml, whose answer names the aliases it reset."""
+    ctx = _ctx(request)
+    try:
+        body = await request.json()
+    except ValueError as exc:
+        raise InvalidRequest('The body must be JSON: {"split": {"<model>": <weight>, ...}}') from exc
+    split = body.get("split") if isinstance(body, dict) else None
+    try:
+        return ctx.aliases.set_split(name, split)
+    except KeyError as exc:
+        raise NotFound(f"No alias '{name}' (aliases: {', '.join(ctx.registry.aliases) or 'none'})") from exc
 
 
 @get("/v1/status")

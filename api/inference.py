@@ -108,7 +108,7 @@ class InferenceEndpoint:
     def _admit(self, call: Call, key: KeyState | None) -> tuple[Engine, Lease | None]:
         auth = self.ctx.auth
         call.payload, call.requested = parse_payload(call.body)
-        spec = self._spec(call.requested)
+        spec = self._spec(call)
         call.model, call.backend = spec.name, spec.backend
         if key is not None:
             call.admission = auth.admit(key, spec.name)
@@ -200,16 +200,27 @@ class InferenceEndpoint:
                 self.path, status, f" {code}" if code else "", elapsed * 1000, call.model, served or "-",
             )  # fmt: skip
 
-    def _spec(self, requested: str) -> ModelSpec:
+    def _spec(self, call: Call) -> ModelSpec:
+        requested = call.requested
         spec = self.ctx.registry.models.get(requested)
         if spec is None:
-            raise ModelNotFound(requested, self.ctx.registry.names)
+            spec = self._aliased(call)
         if spec.type not in self.types:
             raise EndpointNotSupported(
                 f"Model '{requested}' is a {spec.type} model; {self.path} serves "
                 f"{' or '.join(sorted(self.types))} models"
             )
         return spec
+
+    def _aliased(self, call: Call) -> ModelSpec:
+        """An alias: the version that serves it (the answer still names the alias)."""
+        user = call.payload.get("user")
+        session = call.session.decode("latin-1") if call.session else user if isinstance(user, str) else None
+        version = self.ctx.aliases.resolve(call.requested, session or None)
+        if version is None:
+            raise ModelNotFound(call.requested, self.ctx.registry.names)
+        self.ctx.metrics.aliased(call.requested, version)
+        return self.ctx.registry.models[version]
 
     async def _forward(self, call: Call, engine: Engine) -> None:
         base_url = await self._ready(engine)

@@ -137,10 +137,15 @@ class Metrics(Collector):
             f"{P}_engine_wake_seconds", "Engine wake (placement included) to ready.", ["model"],
             LATENCY_BUCKETS,
         )  # fmt: skip
+        self.aliases = _Counter(
+            f"{P}_alias_requests",
+            "Requests naming an alias, by the version that served them.",
+            ["alias", "model"],
+        )
         self._families: list[_Counter | _Histogram] = [
             self.requests, self.latency, self.ttft, self.tokens, self.offloads, self.rejections,
             self.starts, self.start_failures, self.stops, self.crashes, self.startup,
-            self.evictions, self.wakes, self.wake_time, self.routing,
+            self.evictions, self.wakes, self.wake_time, self.routing, self.aliases,
         ]  # fmt: skip
         self.registry.register(self)
 
@@ -169,6 +174,9 @@ class Metrics(Collector):
 
     def offload(self, model: str, target: str) -> None:
         self.offloads.inc((model, target))
+
+    def aliased(self, alias: str, model: str) -> None:
+        self.aliases.inc((alias, model))
 
     def routed(self, model: str, policy: str, reason: str) -> None:
         self.routing.inc((model, policy, reason))

@@ -26,6 +26,7 @@ def reload_registry(ctx: AppContext) -> dict[str, Any]:
         ) from exc
     for name, reason in registry.disabled.items():
         log.warning("%s: model '%s' is disabled: %s", registry.source, name, reason)
-    report = asdict(ctx.manager.reload(registry, gpus))
+    report: dict[str, Any] = asdict(ctx.manager.reload(registry, gpus))
+    report["split_overrides_reset"] = ctx.aliases.reloaded()  # models.yaml's splits win
     log.info("reloaded %s: %s", registry.source, report)
     return report

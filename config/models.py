@@ -213,10 +213,61 @@ class GpuDeclaration(BaseModel):
     memory_gb: float = Field(gt=0)
 
 
+class AliasSplit(BaseModel):
+    """`aliases: {chat: {split: {qwen-v1: 90, qwen-v2: 10}, sticky: session}}`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    split: dict[str, Annotated[int, Field(gt=0, strict=True)]] = Field(min_length=1)
+    sticky: Literal["none", "session"] = "session"
+
+
+@dataclass(frozen=True)
+class Alias:
+    """An alias as the router uses it: versions and weights in the order written."""
+
+    name: str
+    weights: tuple[tuple[str, int], ...]
+    sticky: bool  # a session keeps its version (X-Session-ID, else the request's `user`)
+
+    @property
+    def plain(self) -> bool:
+        return len(self.weights) == 1
+
+
 class _RegistryFile(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     models: list[ModelSpec] = Field(default_factory=list)
+    aliases: dict[str, str | AliasSplit] = Field(default_factory=dict)
+
+    @field_validator("aliases", mode="before")
+    @classmethod
+    def _check_aliases(cls, value: Any) -> Any:
+        """One clear message per alias (a union's errors name its pydantic internals)."""
+        if not isinstance(value, dict):
+            return value
+        out: dict[Any, Any] = {}
+        problems = []
+        for name, target in value.items():
+            if not isinstance(name, str) or not name or any(c.isspace() or c == "/" for c in name):
+                problems.append(f"{name!r}: an alias is a name without spaces or '/'")
+            elif isinstance(target, str) and target:
+                out[name] = target
+            elif isinstance(target, dict):
+                try:
+                    out[name] = AliasSplit.model_validate(target)
+                except ValidationError as exc:
+                    errors = exc.errors()
+                    problems += [f"{name}.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors]
+            else:
+                problems.append(
+                    f"{name}: a model name, or {{split: {{model: weight, ...}}, sticky: session}}"
+                )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return out
+
     engines: dict[BackendName, EngineOverride] = Field(default_factory=dict)
     gpus: list[GpuDeclaration] = Field(default_factory=list)
 
@@ -230,10 +281,12 @@ class Registry:
     engines: Mapping[str, EngineOverride] = field(default_factory=dict)
     disabled: Mapping[str, str] = field(default_factory=dict)
     gpus: tuple[GpuDeclaration, ...] = ()
+    aliases: Mapping[str, Alias] = field(default_factory=dict)
 
     @property
     def names(self) -> list[str]:
-        return list(self.models)
+        """What a request may name: the models, then the aliases."""
+        return [*self.models, *self.aliases]
 
 
 def load_registry(path: Path) -> Registry:
@@ -258,7 +311,12 @@ def parse_registry(raw: object, source: Path) -> Registry:
         parsed = _RegistryFile.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(source, _describe_validation(exc, raw)) from exc
-    problems = _cross_check(parsed.models) + _gpu_list_problems(parsed.gpus)
+    aliases = {name: _alias(name, value) for name, value in parsed.aliases.items()}
+    problems = (
+        _cross_check(parsed.models)
+        + _gpu_list_problems(parsed.gpus)
+        + _alias_problems(aliases, parsed.models)
+    )
     if problems:
         raise ConfigError(source, problems)
     disabled = {
@@ -270,7 +328,34 @@ def parse_registry(raw: object, source: Path) -> Registry:
         engines={str(k): v for k, v in parsed.engines.items()},
         disabled=disabled,
         gpus=tuple(parsed.gpus),
+        aliases=aliases,
     )
+
+
+def _alias(name: str, value: str | AliasSplit) -> Alias:
+    if isinstance(value, str):
+        return Alias(name, ((value, 1),), sticky=False)
+    return Alias(name, tuple(value.split.items()), sticky=value.sticky == "session")
+
+
+def _alias_problems(aliases: Mapping[str, Alias], models: Sequence[ModelSpec]) -> list[str]:
+    by_name = {m.name: m for m in models}
+    problems = []
+    for name, alias in aliases.items():
+        where = f"aliases.{name}"
+        if name in by_name:
+            problems.append(f"{where}: shadows the model '{name}' (an alias needs a name of its own)")
+        types = set()
+        for target, _ in alias.weights:
+            if target in by_name:
+                types.add(by_name[target].type)
+            elif target in aliases:
+                problems.append(f"{where}: '{target}' is an alias (aliases name models, they do not chain)")
+            else:
+                problems.append(f"{where}: '{target}' is not a model in this file")
+        if len(types) > 1:
+            problems.append(f"{where}: its versions mix {' and '.join(sorted(types))} models")
+    return problems
 
 
 def _label(index: int, models: Sequence[Any]) -> str:

@@ -219,3 +219,35 @@ def test_replica_ranges_read_as_min_and_max() -> None:
     assert models["fixed"].replica_range == (3, 3) and models["fixed"].routing == "least_loaded"
     assert models["range"].replica_range == (0, 4) and models["range"].pooled
     assert models["one"].replica_range == (0, 1) and not models["one"].pooled  # one tensor-parallel engine
+
+
+def test_aliases_are_checked_with_file_and_alias() -> None:
+    models = [
+        _m("v1"),
+        _m("v2"),
+        {"name": "emb", "backend": "sglang", "model_path": "e", "type": "embedding"},
+    ]
+    bad = {"a": {"split": {"v1": 0}}, "b": {"split": {"v1": 1.5}}, "c": {"split": {}}, "d d": "v1", "e": 3}
+    schema = _problems({"models": models, "aliases": bad})
+    assert len(schema) == 1 and schema[0].startswith("aliases: Value error, ")
+    for part in (
+        "a.split.v1: Input should be greater than 0",
+        "b.split.v1: Input should be a valid integer",
+        "c.split: Dictionary should have at least 1 item",
+        "'d d': an alias is a name without spaces",
+        "e: a model name, or",
+    ):
+        assert part in schema[0], part
+    problems = _problems({"models": models, "aliases": {
+        "v1": "v2", "x": "nope", "y": "x", "z": {"split": {"v1": 1, "emb": 1}}}})  # fmt: skip
+    assert problems == [
+        "aliases.v1: shadows the model 'v1' (an alias needs a name of its own)",
+        "aliases.x: 'nope' is not a model in this file",
+        "aliases.y: 'x' is an alias (aliases name models, they do not chain)",
+        "aliases.z: its versions mix embedding and llm models",
+    ]
+    ok = parse_registry(
+        {"models": models, "aliases": {"chat": {"split": {"v1": 9, "v2": 1}, "sticky": "none"}}}, SRC
+    )
+    assert ok.aliases["chat"].weights == (("v1", 9), ("v2", 1)) and not ok.aliases["chat"].sticky
+    assert ok.names == ["v1", "v2", "emb", "chat"]
