@@ -113,9 +113,18 @@ def get(path: str) -> Callable[[DecoratedCallable], DecoratedCallable]:
 
 
 @get("/health")
-async def health(request: Request) -> dict[str, Any]:
+async def health(request: Request, ready: bool = False) -> JSONResponse:
+    """Liveness; with `?ready=1`, readiness: 503 until every `preload` model has been ready."""
     ctx = _ctx(request)
-    return {"status": "ok", "execution_mode": ctx.execution_mode, "models": len(ctx.registry.models)}
+    body: dict[str, Any] = {
+        "status": "ok",
+        "execution_mode": ctx.execution_mode,
+        "models": len(ctx.registry.models),
+    }
+    waiting = ctx.manager.not_ready() if ready else []
+    if waiting:
+        return JSONResponse({**body, "status": "starting", "waiting_for": waiting}, status_code=503)
+    return JSONResponse(body)
 
 
 @get("/v1/models")

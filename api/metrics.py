@@ -127,6 +127,10 @@ class Metrics(Collector):
         self.wakes = _Counter(
             f"{P}_engine_wakes", "Sleeping engines woken for a request.", ["model", "replica"]
         )
+        self.warmup = _Histogram(
+            f"{P}_engine_warmup_seconds", "An engine's warm-up request (models.yaml `warmup`), after its "
+            "start; not in engine_startup_seconds.", ["model"], LATENCY_BUCKETS,
+        )  # fmt: skip
         self.routing = _Counter(
             f"{P}_routing_decisions",
             "Requests for a model with replicas, by how a replica was chosen: affinity, bounded_spill, "
@@ -145,7 +149,7 @@ class Metrics(Collector):
         self._families: list[_Counter | _Histogram] = [
             self.requests, self.latency, self.ttft, self.tokens, self.offloads, self.rejections,
             self.starts, self.start_failures, self.stops, self.crashes, self.startup,
-            self.evictions, self.wakes, self.wake_time, self.routing, self.aliases,
+            self.evictions, self.wakes, self.wake_time, self.routing, self.aliases, self.warmup,
         ]  # fmt: skip
         self.registry.register(self)
 
@@ -198,6 +202,9 @@ class Metrics(Collector):
 
     def evicted(self, model: str, action: str, replica: int = 0) -> None:
         self.evictions.inc((model, action, str(replica)))
+
+    def warmed(self, model: str, seconds: float, replica: int = 0) -> None:
+        self.warmup.observe((model,), seconds)
 
     def woke(self, model: str, seconds: float, replica: int = 0) -> None:
         self.wakes.inc((model, str(replica)))

@@ -71,6 +71,15 @@ class ReplicaRange(BaseModel):
 RoutingPolicy = Literal["round_robin", "least_loaded", "prefix_affinity"]
 
 
+class WarmupSpec(BaseModel):
+    """`warmup: {prompt: "...", max_tokens: 1}`: the request sent before the engine serves."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    prompt: str = Field("Hello", min_length=1)
+    max_tokens: int = Field(1, ge=1)
+
+
 @dataclass(frozen=True)
 class Timeouts:
     """Resolved data-plane timeouts for one model; total 0 = no limit."""
@@ -118,6 +127,10 @@ class ModelSpec(BaseModel):
     replicas: Annotated[int, Field(ge=1)] | ReplicaRange | None = None
     tensor_parallel_size: int | None = Field(None, ge=1)
     routing: RoutingPolicy = "least_loaded"
+    # Hot models: started with the daemon (before /health?ready=1 answers 200), and given one
+    # request of their own before they serve (an engine's first request pays for its caches).
+    preload: bool = False
+    warmup: bool | WarmupSpec = False
 
     @model_validator(mode="before")
     @classmethod
@@ -187,6 +200,12 @@ class ModelSpec(BaseModel):
     @property
     def gpus_per_replica(self) -> int:
         return self.tensor_parallel_size or 1
+
+    @property
+    def warmup_request(self) -> WarmupSpec | None:
+        if self.warmup is False:
+            return None
+        return WarmupSpec() if self.warmup is True else self.warmup
 
     @property
     def gpu_ids(self) -> tuple[int, ...]:
@@ -461,6 +480,8 @@ def _replica_problems(label: str, m: ModelSpec) -> list[str]:
             )
     if "routing" in m.model_fields_set and m.replicas is None:
         problems.append(f"{label}: routing: applies to replicas (set replicas)")
+    if m.warmup is not False and m.type == "reranker":
+        problems.append(f"{label}: warmup: not for reranker models (the engines' rerank bodies differ)")
     return problems
 
 

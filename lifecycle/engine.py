@@ -134,6 +134,7 @@ class Engine:
         self.placed: tuple[int, ...] | None = None  # GPUs it holds memory on (lifecycle/budget.py)
         self.sleeps = 0
         self.wakes = 0
+        self.ready_once = False  # has been ready since the daemon started (/health?ready=1)
         # Set by its ReplicaSet: told of every release and state change (requests waiting for
         # a replica to free), and asked before an idle stop (False: keep it, the model's `min`).
         self.on_change: Callable[[], None] | None = None
@@ -528,6 +529,9 @@ class Engine:
         try:
             await self._launch()
             await self._await_ready(time.monotonic() + timeout, timeout)
+            ready_at = time.monotonic()
+            if self.spec.warmup_request is not None:
+                await self._warm_up(max(1.0, began + timeout - ready_at))
         except EngineStartError as exc:
             if self._abort.is_set():  # an operator's stop, or daemon exit, during start
                 self._set(EngineState.STOPPING)
@@ -546,7 +550,10 @@ class Engine:
         self.retry_at = None
         self._ready_since = time.monotonic()
         self._set(EngineState.READY)
-        events.started(self.name, self.spec.backend, time.monotonic() - began, self.replica)
+        self.ready_once = True
+        events.started(self.name, self.spec.backend, ready_at - began, self.replica)
+        if self.spec.warmup_request is not None:
+            events.warmed(self.name, time.monotonic() - ready_at, self.replica)
         log.info("engine '%s' ready on %s (pid %s)", self.name, self.base_url, self.pid)
         assert self.process.exited is not None
         asyncio.get_running_loop().create_task(self._watch_exit(self.process.exited))
@@ -554,6 +561,27 @@ class Engine:
             self._arm_idle()
             if self._pending is not None:  # changed while starting: restart once this start ends
                 asyncio.get_running_loop().call_soon(self._apply_pending)
+
+    async def _warm_up(self, timeout: float) -> None:
+        """One request of the daemon's own before the engine serves (models.yaml `warmup`):
+        a completion, or an embedding; a failure fails the start."""
+        warm = self.spec.warmup_request
+        assert warm is not None
+        served = self.spec.served_name
+        body: dict[str, Any]
+        if self.spec.type == "embedding":
+            path, body = "/v1/embeddings", {"model": served, "input": warm.prompt}
+        else:
+            path, body = (
+                "/v1/completions",
+                {"model": served, "prompt": warm.prompt, "max_tokens": warm.max_tokens},
+            )
+        status, text = await self._services.prober.post(
+            self.base_url + path, timeout, self.api_key, body, request_id=f"warmup-{self.key}"
+        )
+        self.log.write(f"=== warm-up request: {status}")
+        if not 200 <= status < 300:
+            raise self._start_error(f"the warm-up request failed ({status}): {text}")
 
     def _start_error(self, message: str) -> EngineStartError:
         tail = self.log.tail(ERROR_TAIL_LINES)

@@ -116,6 +116,25 @@ class EngineManager:
         atexit.register(self._kill_all_now)
         self._monitor = asyncio.get_running_loop().create_task(self._monitor_health(), name="health-monitor")
         self.maintain()
+        self.preload()
+
+    def preload(self) -> None:
+        """Start the `preload` models (their `min` replicas, at least one) in the background."""
+        for replicas in self.models.values():
+            spec = replicas.spec
+            if spec.preload and self.may_start(spec):
+                for engine in replicas.engines[: max(1, spec.replica_range[0])]:
+                    if engine.startable and not engine.up:
+                        replicas.start_replica(engine.replica)
+
+    def not_ready(self) -> list[str]:
+        """The `preload` models none of whose replicas has been ready yet (/health?ready=1)."""
+        return [
+            name
+            for name, replicas in self.models.items()
+            if replicas.spec.preload and self.may_start(replicas.spec)
+            and not any(e.ready_once for e in replicas.engines)
+        ]  # fmt: skip
 
     def reload(self, registry: Registry, gpus: list[Gpu] | None = None) -> ReloadReport:
         """Switch to a validated registry; takes effect for the next request.
@@ -153,6 +172,7 @@ class EngineManager:
             for engine in self.models.pop(name).engines:
                 self._retire(engine)
         self.maintain()
+        self.preload()
         return ReloadReport(added=added, removed=removed, changed=changed, unchanged=unchanged)
 
     def _retire(self, engine: Engine) -> None:

@@ -31,11 +31,14 @@ class Prober:
             return False
 
     async def post(
-        self, url: str, timeout: float, api_key: str | None = None, json: object = None
-    ) -> tuple[int, str]:
+        self, url: str, timeout: float, api_key: str | None = None, json: object = None,
+        request_id: str | None = None,
+    ) -> tuple[int, str]:  # fmt: skip
         """POST to an engine's control route: (status, first 500 characters of the answer);
         status 0 when it could not be reached or did not answer in time."""
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        if request_id:
+            headers["X-Request-ID"] = request_id
         try:
             async with self._client().post(
                 url, headers=headers, json=json, timeout=aiohttp.ClientTimeout(total=timeout)

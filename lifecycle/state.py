@@ -127,6 +127,7 @@ class EngineEvents(Protocol):
     def crashed(self, model: str, backend: str, replica: int = 0) -> None: ...
     def evicted(self, model: str, action: str, replica: int = 0) -> None: ...
     def woke(self, model: str, seconds: float, replica: int = 0) -> None: ...
+    def warmed(self, model: str, seconds: float, replica: int = 0) -> None: ...
 
 
 class NoEvents:
@@ -146,4 +147,7 @@ class NoEvents:
         pass
 
     def woke(self, model: str, seconds: float, replica: int = 0) -> None:
+        pass
+
+    def warmed(self, model: str, seconds: float, replica: int = 0) -> None:
         pass

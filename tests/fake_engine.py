@@ -23,6 +23,8 @@ in models.yaml):
     FAKE_LOG_REQUESTS      1: print each /v1 request with its X-Request-ID
     FAKE_GPU_LEDGER        a file shared by the fake engines: GPU memory shares (tests/fake_gpu.py)
     FAKE_WAKE_DELAY        seconds a wake from sleep takes (tests/fake_gpu.py)
+    FAKE_FIRST_REQUEST_DELAY  seconds the engine's first completion waits before answering (what
+                           a real engine's first request pays: CUDA graph capture, lazy compiles)
     FAKE_PREFILL_DELAY     seconds to "prefill" a prompt whose prefix the engine has not seen;
                            one it has seen (a later turn of the same conversation) starts at once,
                            as with a KV prefix cache (SGLang's radix cache, vLLM's prefix caching)
@@ -135,6 +137,7 @@ class Knobs:
         self.log_requests = env.get("FAKE_LOG_REQUESTS") == "1"
         self.children = int(env.get("FAKE_CHILDREN", "0"))
         self.prefill_delay = float(env.get("FAKE_PREFILL_DELAY", "0"))
+        self.first_request_delay = float(env.get("FAKE_FIRST_REQUEST_DELAY", "0"))
 
 
 class FakeEngine:
@@ -264,6 +267,9 @@ class FakeEngine:
         usage = {"prompt_tokens": proto.prompt_tokens(req), "completion_tokens": n}
         usage["total_tokens"] = usage["prompt_tokens"] + n
         try:
+            if self.knobs.first_request_delay and not self.stats.get("first_done"):
+                self.stats["first_done"] = 1
+                await asyncio.sleep(self.knobs.first_request_delay)
             await self._prefill(req, chat)
             if req.stream:
                 return await self._stream(request, req, chat, n, usage)

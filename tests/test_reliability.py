@@ -162,7 +162,7 @@ def test_reload(daemon_for: Any) -> None:
             daemon.config.write_text(yaml.safe_dump(new))
             report = c.post("/v1/admin/reload").json()
             assert report == {"added": ["added"], "removed": ["drop"], "changed": ["change"],
-                              "unchanged": ["keep"]}  # fmt: skip
+                              "unchanged": ["keep"], "split_overrides_reset": []}  # fmt: skip
             gone = c.post("/v1/completions", json={"model": "drop", "prompt": "x"})
             assert gone.status_code == 404
             data = b"".join(stream.iter_raw())

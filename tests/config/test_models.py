@@ -251,3 +251,17 @@ def test_aliases_are_checked_with_file_and_alias() -> None:
     )
     assert ok.aliases["chat"].weights == (("v1", 9), ("v2", 1)) and not ok.aliases["chat"].sticky
     assert ok.names == ["v1", "v2", "emb", "chat"]
+
+
+def test_hot_model_fields_are_checked() -> None:
+    reranker = {"name": "r", "backend": "sglang", "model_path": "r", "type": "reranker", "warmup": True}
+    assert _problems({"models": [reranker]}) == [
+        "models[0] 'r': warmup: not for reranker models (the engines' rerank bodies differ)"
+    ]
+    schema = _problems({"models": [_m("w", warmup={"prompt": "", "max_tokens": 0})]})
+    assert any("prompt: String should have at least 1 character" in p for p in schema), schema
+    ok = parse_registry(
+        {"models": [_m("a", preload=True, warmup=True), _m("b", warmup={"prompt": "Hi"})]}, SRC
+    )
+    assert ok.models["a"].warmup_request is not None and ok.models["a"].preload
+    assert ok.models["b"].warmup_request is not None and ok.models["b"].warmup_request.prompt == "Hi"
