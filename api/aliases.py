@@ -7,6 +7,7 @@ robin of each split, and splits an operator changed with `POST /v1/admin/aliases
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from typing import Any, Protocol
 
@@ -45,6 +46,19 @@ class AliasTable:
         if turn is None or turn.weights != list(weights):
             turn = self._turns[name] = RoundRobin(weights)
         return turn.next()
+
+    def peek(self, name: str, session: str | None) -> str | None:
+        """What `resolve` would answer now, without moving a split's round robin."""
+        alias = self._alias(name)
+        if alias is None:
+            return None
+        weights = self.weights(alias)
+        if len(weights) == 1 or (alias.sticky and session):
+            return self.resolve(name, session)
+        turn = self._turns.get(name)
+        if turn is None or turn.weights != list(weights):
+            return RoundRobin(weights).next()
+        return copy.deepcopy(turn).next()
 
     def set_split(self, name: str, split: Any) -> dict[str, Any]:
         """An operator's split (validated as models.yaml's is); kept until the next reload."""

@@ -15,6 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from api.context import AppContext
 from api.reload import reload_registry
+from api.validate import validate
 from config.models import Alias, ModelSpec
 from lifecycle.budget import EngineNoRoom
 from lifecycle.capacity import reserved
@@ -147,6 +148,23 @@ def _alias_card(ctx: AppContext, alias: Alias) -> dict[str, Any]:
     first = ctx.registry.models[alias.weights[0][0]]
     return {"id": alias.name, "object": "model", "owned_by": "unified-inference", "type": first.type,
             "alias_of": described["split"], "sticky": described["sticky"]}  # fmt: skip
+
+
+@router.post("/v1/models/validate")
+async def validate_request(request: Request) -> dict[str, Any]:
+    """What the daemon would do with `{"path": ..., "body": ...}` for the caller's key, without
+    doing it: the model it resolves to and every problem found (api/validate.py)."""
+    ctx = _ctx(request)
+    headers: dict[bytes, bytes] = dict(request.scope["headers"])
+    key = ctx.auth.client(headers)
+    try:
+        body = await request.json()
+    except ValueError as exc:
+        raise InvalidRequest(
+            'The body must be JSON: {"path": "/v1/chat/completions", "body": {...}}'
+        ) from exc
+    session = headers.get(b"x-session-id")
+    return validate(ctx, key, body, session.decode("latin-1") if session else None)
 
 
 @get("/v1/aliases")

@@ -1,0 +1,93 @@
+"""`POST /v1/models/validate`: what the daemon would do with a request, without doing it.
+
+The same checks as the inference path (api/inference.py, api/call.py), run on a copy of the
+body, collecting what they find instead of stopping at the first: the model (through
+aliases, without advancing a split's round robin), its type for the path, whether it can
+run, whether the caller's key may use it, and what `fit` says of the body (limits, what the
+engine understands). No engine is started, no rate is charged.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import orjson
+
+from api.auth import KeyState
+from api.body import parse_payload
+from api.call import Call, fit
+from api.compute import OUTPUT_LIMITS
+from api.context import AppContext
+from backends.capabilities import ROUTES, SERVED_TYPES
+from config.models import ModelSpec
+from router.errors import (
+    EndpointNotSupported,
+    Forbidden,
+    FormatNotSupported,
+    InvalidRequest,
+    ModelNotFound,
+    RouterError,
+)
+
+
+def validate(ctx: AppContext, key: KeyState | None, request: Any, session: str | None) -> dict[str, Any]:
+    problems: list[RouterError] = []
+    answer: dict[str, Any] = {"valid": False, "model": None, "resolved": None, "problems": []}
+    path = request.get("path") if isinstance(request, dict) else None
+    body = request.get("body") if isinstance(request, dict) else None
+    if path not in SERVED_TYPES:
+        problems.append(InvalidRequest(f"path: one of {', '.join(sorted(SERVED_TYPES))}, not {path!r}"))
+        return _done(answer, problems)
+    try:
+        payload, requested = parse_payload(orjson.dumps(body))
+    except RouterError as exc:
+        return _done(answer, [exc])
+    answer["model"] = requested
+    spec = _resolve(ctx, requested, payload, session)
+    if spec is None:
+        return _done(answer, [ModelNotFound(requested, ctx.registry.names)])
+    answer["resolved"] = spec.name
+    if spec.type not in SERVED_TYPES[path]:
+        served = " or ".join(sorted(SERVED_TYPES[path]))
+        problems.append(
+            EndpointNotSupported(f"Model '{requested}' is a {spec.type} model; {path} serves {served} models")
+        )
+    if spec.name in ctx.registry.disabled:
+        problems.append(
+            FormatNotSupported(f"Model '{spec.name}' cannot run: {ctx.registry.disabled[spec.name]}")
+        )
+    if key is not None and key.policy.models is not None and spec.name not in key.policy.models:
+        problems.append(Forbidden(f"Key '{key.policy.name}' may not use model '{spec.name}'"))
+    call = Call(_no_send, "validate", 0.0)
+    call.payload, call.requested = copy.deepcopy(payload), requested
+    engine = ctx.manager.models[spec.name].first
+    route = ROUTES[spec.backend].get(path)
+    limits = ctx.auth.global_limits if key is None else key.limits
+    try:
+        fit(call, engine, route, path, limits, OUTPUT_LIMITS.get(path, ()))
+    except RouterError as exc:
+        if not any(type(p) is type(exc) for p in problems):
+            problems.append(exc)
+    return _done(answer, problems)
+
+
+def _resolve(
+    ctx: AppContext, requested: str, payload: dict[str, Any], session: str | None
+) -> ModelSpec | None:
+    spec = ctx.registry.models.get(requested)
+    if spec is not None:
+        return spec
+    user = payload.get("user")
+    version = ctx.aliases.peek(requested, session or (user if isinstance(user, str) and user else None))
+    return ctx.registry.models.get(version) if version is not None else None
+
+
+def _done(answer: dict[str, Any], problems: list[RouterError]) -> dict[str, Any]:
+    answer["problems"] = [{"code": p.code, "status": p.status, "message": p.message} for p in problems]
+    answer["valid"] = not problems
+    return answer
+
+
+async def _no_send(message: Any) -> None:
+    raise AssertionError("validate sends nothing")
