@@ -12,7 +12,7 @@ from tests.helpers import Daemon, fake_model, registry_doc
 
 OPEN = "validate-open-key-000000000001"
 NARROW = "validate-narrow-key-0000000001"
-KEYS = {"keys": [{"key": OPEN, "name": "open", "max_tokens": 50},
+KEYS = {"keys": [{"key": OPEN, "name": "open", "max_tokens": 50, "max_n": 2},
                  {"key": NARROW, "name": "narrow", "models": ["emb"]}]}  # fmt: skip
 DOC = {
     **registry_doc(
