@@ -12,7 +12,14 @@ import orjson
 from api.auth import OPEN, Admission
 from api.compute import Limits, adapt, apply_defaults, enforce, truthy
 from api.metrics import UNKNOWN_MODEL
-from backends.capabilities import CANNOT_CANCEL_DOCUMENTS, ENGINE_NAMES, STREAM_USAGE, EngineRoute
+from backends.capabilities import (
+    CANNOT_CANCEL_DOCUMENTS,
+    ENGINE_NAMES,
+    SERVED_TYPES,
+    STREAM_USAGE,
+    EngineRoute,
+)
+from config.models import ModelSpec
 from lifecycle.engine import Engine
 from router.collect import collectable
 from router.errors import EndpointNotSupported
@@ -44,7 +51,27 @@ class Call:
         self.relay: Relay | None = None
         self.engine_path = ""  # the path the chosen engine serves the route at
         self.base64 = False  # the client asked for base64 embeddings, which the engine lacks
-        self.session: bytes | None = None  # X-Session-ID: the affinity key for prefix_affinity
+        self.session: bytes | None = None  # X-Session-ID: prefix_affinity's key, an alias's session
+
+    @property
+    def session_id(self) -> str | None:
+        return self.session.decode("latin-1") if self.session else None
+
+
+def alias_session(session_id: str | None, payload: dict[str, Any]) -> str | None:
+    """What pins a client to an alias's version: X-Session-ID, else the OpenAI `user` field."""
+    user = payload.get("user")
+    return session_id or (user if isinstance(user, str) and user else None)
+
+
+def wrong_type(spec: ModelSpec, requested: str, path: str) -> EndpointNotSupported | None:
+    """The error for a model of a type `path` does not serve, or None."""
+    types = SERVED_TYPES[path]
+    if spec.type in types:
+        return None
+    return EndpointNotSupported(
+        f"Model '{requested}' is a {spec.type} model; {path} serves {' or '.join(sorted(types))} models"
+    )
 
 
 def fit(call: Call, engine: Engine, route: EngineRoute | None, path: str, limits: Limits,

@@ -25,7 +25,7 @@ import orjson
 
 from api.auth import KeyState
 from api.body import Receive, parse_payload, read_body
-from api.call import Call, Send, engine_body, fit
+from api.call import Call, Send, alias_session, engine_body, fit, wrong_type
 from api.compute import (
     OUTPUT_LIMITS,
     max_tokens_asked,
@@ -45,7 +45,6 @@ from router.answer import Rename
 from router.collect import Capture, Collector
 from router.errors import (
     BackendConnectFailed,
-    EndpointNotSupported,
     GpuOverloaded,
     ModelNotFound,
     ModelUnavailable,
@@ -71,7 +70,6 @@ class InferenceEndpoint:
         self.upstream = upstream
         self.ticker = ticker
         self.path = path
-        self.types = INFERENCE_PATHS[path]
         self.generates = path in GENERATION_PATHS
         self.token_fields = OUTPUT_LIMITS.get(path, ())
         self.routes = {backend: routes[path] for backend, routes in ROUTES.items() if path in routes}
@@ -201,22 +199,17 @@ class InferenceEndpoint:
             )  # fmt: skip
 
     def _spec(self, call: Call) -> ModelSpec:
-        requested = call.requested
-        spec = self.ctx.registry.models.get(requested)
+        spec = self.ctx.registry.models.get(call.requested)
         if spec is None:
             spec = self._aliased(call)
-        if spec.type not in self.types:
-            raise EndpointNotSupported(
-                f"Model '{requested}' is a {spec.type} model; {self.path} serves "
-                f"{' or '.join(sorted(self.types))} models"
-            )
+        mismatch = wrong_type(spec, call.requested, self.path)
+        if mismatch is not None:
+            raise mismatch
         return spec
 
     def _aliased(self, call: Call) -> ModelSpec:
         """An alias: the version that serves it (the answer still names the alias)."""
-        user = call.payload.get("user")
-        session = call.session.decode("latin-1") if call.session else user if isinstance(user, str) else None
-        version = self.ctx.aliases.resolve(call.requested, session or None)
+        version = self.ctx.aliases.resolve(call.requested, alias_session(call.session_id, call.payload))
         if version is None:
             raise ModelNotFound(call.requested, self.ctx.registry.names)
         self.ctx.metrics.aliased(call.requested, version)

@@ -118,8 +118,7 @@ class Selector:
     def _key(replicas: ReplicaSet, call: Call) -> str | None:
         if replicas.spec.routing != "prefix_affinity":
             return None
-        session = call.session.decode("latin-1") if call.session else None
-        return affinity_key(call.payload, session)
+        return affinity_key(call.payload, call.session_id)
 
     def _routed(self, spec: ModelSpec, reason: str) -> None:
         self.ctx.metrics.routed(spec.name, spec.routing, reason)

@@ -16,13 +16,12 @@ import orjson
 
 from api.auth import KeyState
 from api.body import parse_payload
-from api.call import Call, fit
+from api.call import Call, alias_session, fit, wrong_type
 from api.compute import OUTPUT_LIMITS
 from api.context import AppContext
 from backends.capabilities import ROUTES, SERVED_TYPES
 from config.models import ModelSpec
 from router.errors import (
-    EndpointNotSupported,
     Forbidden,
     FormatNotSupported,
     InvalidRequest,
@@ -48,11 +47,9 @@ def validate(ctx: AppContext, key: KeyState | None, request: Any, session: str |
     if spec is None:
         return _done(answer, [ModelNotFound(requested, ctx.registry.names)])
     answer["resolved"] = spec.name
-    if spec.type not in SERVED_TYPES[path]:
-        served = " or ".join(sorted(SERVED_TYPES[path]))
-        problems.append(
-            EndpointNotSupported(f"Model '{requested}' is a {spec.type} model; {path} serves {served} models")
-        )
+    mismatch = wrong_type(spec, requested, path)
+    if mismatch is not None:
+        problems.append(mismatch)
     if spec.name in ctx.registry.disabled:
         problems.append(
             FormatNotSupported(f"Model '{spec.name}' cannot run: {ctx.registry.disabled[spec.name]}")
@@ -78,8 +75,7 @@ def _resolve(
     spec = ctx.registry.models.get(requested)
     if spec is not None:
         return spec
-    user = payload.get("user")
-    version = ctx.aliases.peek(requested, session or (user if isinstance(user, str) and user else None))
+    version = ctx.aliases.peek(requested, alias_session(session, payload))
     return ctx.registry.models.get(version) if version is not None else None
 
 

@@ -155,6 +155,7 @@ class FakeEngine:
         self.tokens_sent = 0
         self.prefixes: set[str] = set()  # the prompts it has prefilled (its "KV cache")
         self.prefix_hits = 0
+        self.first_served = False  # FAKE_FIRST_REQUEST_DELAY: paid by the first completion only
         self.prefix_misses = 0
         self.last_headers: dict[str, str] = {}
 
@@ -267,8 +268,8 @@ class FakeEngine:
         usage = {"prompt_tokens": proto.prompt_tokens(req), "completion_tokens": n}
         usage["total_tokens"] = usage["prompt_tokens"] + n
         try:
-            if self.knobs.first_request_delay and not self.stats.get("first_done"):
-                self.stats["first_done"] = 1
+            if self.knobs.first_request_delay and not self.first_served:
+                self.first_served = True
                 await asyncio.sleep(self.knobs.first_request_delay)
             await self._prefill(req, chat)
             if req.stream:
