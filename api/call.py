@@ -10,8 +10,17 @@ from typing import Any
 import orjson
 
 from api.auth import OPEN, Admission
-from api.compute import Limits, adapt, apply_defaults, enforce, truthy
+from api.compute import (
+    Limits,
+    adapt,
+    apply_defaults,
+    enforce,
+    max_tokens_asked,
+    prompt_tokens_estimate,
+    truthy,
+)
 from api.metrics import UNKNOWN_MODEL
+from api.tenancy import NORMAL
 from backends.capabilities import (
     CANNOT_CANCEL_DOCUMENTS,
     ENGINE_NAMES,
@@ -31,9 +40,9 @@ Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 class Call:
     """One request, from its first byte to its access-log line."""
 
-    __slots__ = ("admission", "backend", "base64", "body", "engine_path", "id_header", "metered", "model",
-                 "payload", "relay", "request_id", "requested", "rewritten", "send", "session",
-                 "t0")  # fmt: skip
+    __slots__ = ("admission", "backend", "base64", "body", "engine_path", "id_header", "left", "metered",
+                 "model", "payload", "pending", "priority", "relay", "request_id", "requested", "rewritten",
+                 "send", "session", "t0")  # fmt: skip
 
     def __init__(self, send: Send, request_id: str, t0: float) -> None:
         self.send = send
@@ -52,6 +61,9 @@ class Call:
         self.engine_path = ""  # the path the chosen engine serves the route at
         self.base64 = False  # the client asked for base64 embeddings, which the engine lacks
         self.session: bytes | None = None  # X-Session-ID: prefix_affinity's key, an alias's session
+        self.priority = NORMAL  # its admission class (api/tenancy.py)
+        self.pending: object = None  # what it waits for when no engine could take it at once
+        self.left = False  # its client went away while it waited
 
     @property
     def session_id(self) -> str | None:
@@ -116,3 +128,20 @@ def engine_body(call: Call, engine: Engine, generates: bool) -> tuple[bytes, boo
         if collect:
             payload["stream"] = changed = True
     return (orjson.dumps(payload) if changed else call.body), hide_usage, collect
+
+
+def tokens_owed(call: Call, disconnected: bool, token_fields: tuple[str, ...]) -> int:
+    """Tokens a request costs its key: the engine's usage when it gave one; for a stream,
+    what was streamed plus the prompt's estimate; for an answer its client abandoned,
+    the prompt's estimate plus all it asked for (how far the engine got is not known)."""
+    relay = call.relay
+    if relay is None:
+        return 0  # no engine saw it
+    if relay.usage_tokens:
+        return relay.usage_tokens
+    if relay.streaming or relay.collecting:  # the tokens relayed or collected so far
+        return prompt_tokens_estimate(call.payload) + relay.tokens
+    if relay.complete or not disconnected:
+        return 0
+    asked = max_tokens_asked(call.payload, token_fields) if token_fields else 0
+    return prompt_tokens_estimate(call.payload) + (asked or 0)

@@ -74,13 +74,17 @@ def _status_row(replicas: ReplicaSet) -> dict[str, Any]:
     first running replica's pid and port, every GPU used), and `replicas`, one row each."""
     rows = [_engine_row(s) for s in replicas.statuses()]
     mode = replicas.spec.execution_mode
+    queue = replicas.queue
     if len(rows) == 1:
-        return {**rows[0], "execution_mode": mode, "replicas": rows}
+        row = {**rows[0], "execution_mode": mode, "replicas": rows, "admission_queue": queue.counts()}
+        row["queued"] += queue.waiting  # waiting for a slot (QUEUE_TIMEOUT)
+        return row
     running = [r for r in rows if r["pid"] is not None] or rows
     row = {**running[0], "state": replicas.state.value}
     for field in ("in_flight", "queued", "starts", "failures", "sleeps", "wakes"):
         row[field] = sum(r[field] for r in rows)
-    row["queued"] += replicas.waiting  # waiting for a replica to free
+    row["queued"] += replicas.waiting + queue.waiting  # waiting for a replica to free, or a slot
+    row["admission_queue"] = queue.counts()
     row["draining"] = any(r["draining"] for r in rows)
     row["gpu_ids"] = sorted({g for r in rows for g in r["gpu_ids"]})
     used = [r["last_used"] for r in rows if r["last_used"] is not None]

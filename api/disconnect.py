@@ -34,14 +34,14 @@ class DisconnectGuard:
     stops it from cancelling a task that moved on.
     """
 
-    def __init__(self, receive: Receive, ticker: Ticker) -> None:
+    def __init__(self, receive: Receive, ticker: Ticker, after: float = WATCH_AFTER) -> None:
         self._receive = receive
         self._ticker = ticker
         self._task = asyncio.current_task()
         self._open = True
         self.disconnected = False
         self._watcher: asyncio.Future[None] | None = None
-        self._watch_at = asyncio.get_running_loop().time() + WATCH_AFTER
+        self._watch_at = asyncio.get_running_loop().time() + after
         ticker.add(self)
 
     def tick(self, now: float) -> bool:

@@ -9,7 +9,7 @@ after the last byte. While forwarding, a watcher listens for the client's
 `http.disconnect` and cancels the upstream request at once.
 
 Tokens are charged to a key after the request, however it ended (see
-`_charge`): the engine's usage where it reports one, otherwise what was
+`tokens_owed`): the engine's usage where it reports one, otherwise what was
 streamed plus an estimate of the prompt.
 """
 
@@ -25,7 +25,7 @@ import orjson
 
 from api.auth import KeyState
 from api.body import Receive, parse_payload, read_body
-from api.call import Call, Send, alias_session, engine_body, fit, wrong_type
+from api.call import Call, Send, alias_session, engine_body, fit, tokens_owed, wrong_type
 from api.compute import (
     OUTPUT_LIMITS,
     max_tokens_asked,
@@ -35,7 +35,8 @@ from api.context import AppContext
 from api.disconnect import DisconnectGuard
 from api.errors import send_error
 from api.request_log import REQUEST_ID, access_log, request_id_from
-from api.select import Selector
+from api.select import Pending, Selector
+from api.tenancy import request_cost, request_priority, tenant_of
 from backends.capabilities import ROUTES, SERVED_TYPES
 from config.models import ModelSpec
 from lifecycle.budget import EngineNoRoom
@@ -75,7 +76,7 @@ class InferenceEndpoint:
         self.routes = {backend: routes[path] for backend, routes in ROUTES.items() if path in routes}
         self.max_body = ctx.settings.max_response_body_bytes
         self._renames: dict[tuple[str, str], Rename] = {}
-        self.selector = Selector(ctx)
+        self.selector = Selector(ctx, ticker)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         t0 = time.perf_counter()
@@ -85,25 +86,33 @@ class InferenceEndpoint:
         call = Call(send, request_id, t0)
         try:
             key = self.ctx.auth.client(headers)  # before the body: refuse cheaply
+            priority = headers.get(b"x-priority")
+            if priority is not None or key is not None:
+                call.priority = request_priority(key, priority)
             limit = self.ctx.settings.max_request_body_bytes
             call.body = await read_body(receive, headers.get(b"content-length"), limit)
             call.session = headers.get(b"x-session-id")
             engine, lease = self._admit(call, key)
-            if lease is None:  # every replica busy, one starting: wait for whichever frees first
-                engine, lease = await self._wait(call, key)
+            if lease is None:  # it waits for a replica to free, or for a slot in the queue
+                engine, lease = await self._wait(call, key, scope.get("client"), receive)
         except RouterError as exc:
             await send_error(send, exc, call.id_header)
             self._done(call, "", exc.status, exc.code)
             return
         except asyncio.CancelledError:
             call.admission.refund()
+            if call.left:  # its client went away while it waited
+                self._done(call, "", 499, "CLIENT_DISCONNECTED")
             return  # the client left before its request was read or while it waited
+        self.ctx.metrics.admitted(call.model, key.policy.name if key is not None else "", call.priority)
         if engine.name != call.model:
             self.ctx.metrics.offload(call.model, engine.name)
         with lease:
             await self._serve(call, engine, receive)
 
     def _admit(self, call: Call, key: KeyState | None) -> tuple[Engine, Lease | None]:
+        """The engine and its lease; or, without a lease, the engine the request is fitted to
+        while it waits (`call.pending` says for what)."""
         auth = self.ctx.auth
         call.payload, call.requested = parse_payload(call.body)
         spec = self._spec(call)
@@ -113,24 +122,45 @@ class InferenceEndpoint:
             call.metered = call.admission.counts_tokens
         try:
             engine = self.selector.select(spec, call)
-            if engine is None:  # it waits for a replica: fitted to the model (all replicas are alike)
-                self._fit(call, key, self.ctx.manager.models[spec.name].first)
-                return self.ctx.manager.models[spec.name].first, None
+            if isinstance(engine, Pending):  # fitted to the model (all replicas are alike)
+                call.pending = engine
+                first = self.ctx.manager.models[spec.name].first
+                self._fit(call, key, first)
+                return first, None
             self._fit(call, key, engine)
         except RouterError:
             call.admission.refund()  # no engine saw it: it costs the key nothing
             raise
         return engine, engine.acquire()  # same event-loop step as the decision
 
-    async def _wait(self, call: Call, key: KeyState | None) -> tuple[Engine, Lease]:
+    async def _wait(
+        self, call: Call, key: KeyState | None, client: tuple[str, int] | None, receive: Receive
+    ) -> tuple[Engine, Lease]:
+        """Wait for a replica to free, or a fair turn in the admission queue; a client that
+        leaves meanwhile is noticed at once (its task is cancelled, `call.left` set)."""
+        guard = DisconnectGuard(receive, self.ticker, after=0.0)
         try:
-            engine = await self.selector.wait(call)
-            if engine.name != call.model:  # overflowed to the twin: fitted to it
-                self._fit(call, key, engine)
+            if call.pending is Pending.REPLICA:
+                engine = await self.selector.wait(call)
+                if not isinstance(engine, Pending):
+                    if engine.name != call.model:  # overflowed to the twin: fitted to it
+                        self._fit(call, key, engine)
+                    return engine, engine.acquire()  # same event-loop step as the decision
+            tenant, weight = tenant_of(key, client)
+            cost = request_cost(call.payload, self.token_fields)
+            return await self.selector.queued(call, tenant, weight, cost)
         except RouterError:
             call.admission.refund()
             raise
-        return engine, engine.acquire()  # same event-loop step as the decision
+        except asyncio.CancelledError:
+            call.left = guard.disconnected
+            if call.left:
+                current = asyncio.current_task()
+                if current is not None:
+                    current.uncancel()
+            raise
+        finally:
+            guard.close()
 
     def _fit(self, call: Call, key: KeyState | None, engine: Engine) -> None:
         limits = self.ctx.auth.global_limits if key is None else key.limits
@@ -162,25 +192,8 @@ class InferenceEndpoint:
             if current is not None:
                 current.uncancel()
         finally:
-            call.admission.finish(
-                self._charge(call, guard.disconnected) if call.admission.counts_tokens else 0
-            )
-
-    def _charge(self, call: Call, disconnected: bool) -> int:
-        """Tokens a request costs its key: the engine's usage when it gave one; for a stream,
-        what was streamed plus the prompt's estimate; for an answer its client abandoned,
-        the prompt's estimate plus all it asked for (how far the engine got is not known)."""
-        relay = call.relay
-        if relay is None:
-            return 0  # no engine saw it
-        if relay.usage_tokens:
-            return relay.usage_tokens
-        if relay.streaming or relay.collecting:  # the tokens relayed or collected so far
-            return prompt_tokens_estimate(call.payload) + relay.tokens
-        if relay.complete or not disconnected:
-            return 0
-        asked = max_tokens_asked(call.payload, self.token_fields) if self.token_fields else 0
-        return prompt_tokens_estimate(call.payload) + (asked or 0)
+            owed = tokens_owed(call, guard.disconnected, self.token_fields) if call.metered else 0
+            call.admission.finish(owed)
 
     def _done(self, call: Call, served: str, status: int, code: str) -> None:
         elapsed = time.perf_counter() - call.t0

@@ -24,6 +24,7 @@ from prometheus_client.registry import Collector
 from lifecycle.gpus import nvml_gpus
 from lifecycle.manager import EngineManager
 from lifecycle.state import EngineState
+from router.fairness import PRIORITIES
 
 P = "unified_inference"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -146,10 +147,28 @@ class Metrics(Collector):
             "Requests naming an alias, by the version that served them.",
             ["alias", "model"],
         )
+        self.admissions = _Counter(
+            f"{P}_admissions",
+            "Requests given a slot on an engine, by model, API key name (empty without client keys) "
+            "and priority.",
+            ["model", "key", "priority"],
+        )
+        self.queue_wait = _Histogram(
+            f"{P}_admission_queue_wait_seconds",
+            "Time requests admitted from a saturated model's admission queue waited there.",
+            ["model", "priority"], LATENCY_BUCKETS,
+        )  # fmt: skip
+        self.queue_exits = _Counter(
+            f"{P}_admission_queue_exits",
+            "Requests that left a model's admission queue: admitted, timeout (429), left (the client "
+            "went away), closed (the model was removed, or the daemon stopped).",
+            ["model", "priority", "outcome"],
+        )
         self._families: list[_Counter | _Histogram] = [
             self.requests, self.latency, self.ttft, self.tokens, self.offloads, self.rejections,
             self.starts, self.start_failures, self.stops, self.crashes, self.startup,
             self.evictions, self.wakes, self.wake_time, self.routing, self.aliases, self.warmup,
+            self.admissions, self.queue_wait, self.queue_exits,
         ]  # fmt: skip
         self.registry.register(self)
 
@@ -185,6 +204,9 @@ class Metrics(Collector):
     def routed(self, model: str, policy: str, reason: str) -> None:
         self.routing.inc((model, policy, reason))
 
+    def admitted(self, model: str, key: str, priority: int) -> None:
+        self.admissions.inc((model, key, PRIORITIES[priority]))
+
     # --------------------------------------------------------- EngineEvents
 
     def started(self, model: str, backend: str, seconds: float, replica: int = 0) -> None:
@@ -205,6 +227,11 @@ class Metrics(Collector):
 
     def warmed(self, model: str, seconds: float, replica: int = 0) -> None:
         self.warmup.observe((model,), seconds)
+
+    def queue_left(self, model: str, priority: str, outcome: str, seconds: float) -> None:
+        self.queue_exits.inc((model, priority, outcome))
+        if outcome == "admitted":
+            self.queue_wait.observe((model, priority), seconds)
 
     def woke(self, model: str, seconds: float, replica: int = 0) -> None:
         self.wakes.inc((model, str(replica)))
@@ -230,6 +257,15 @@ class EngineCollector(Collector):
             "Failures in a row, since the engine last proved healthy.",
             labels=["model", "replica"],
         )
+        waiting = GaugeMetricFamily(
+            f"{P}_admission_queue_requests",
+            "Requests waiting in a saturated model's admission queue, by priority.",
+            labels=["model", "priority"],
+        )
+        for replicas in self.manager.models.values():
+            for priority, count in replicas.queue.counts().items():
+                waiting.add_metric([replicas.name, priority], count)
+        yield waiting
         for engine in self.manager.all_engines():
             labels = [engine.name, str(engine.replica)]
             for s in EngineState:

@@ -4,33 +4,57 @@ A model of one engine takes the path it always has (router/policy.py: the engine
 twin when saturated or without GPU room, or 429). A model with replicas asks its
 ReplicaSet (lifecycle/replicas.py, router/scaling.py): a replica under the threshold by
 its routing policy; when all are at it, a new replica starting (the request waits for
-whichever frees first); at `max`, the twin or 429. Everything here runs in the event-loop
-step that takes the lease, except `wait()`, which ends in such a step.
+whichever frees first); at `max`, the twin or 429 — or, when the model has a
+`queue_timeout` (QUEUE_TIMEOUT), its admission queue (lifecycle/admission.py), where the
+request waits its fair turn for a slot. Everything here runs in the event-loop step that
+takes the lease, except the waits, which end in such a step.
 """
 
 from __future__ import annotations
 
+import enum
+
 from api.call import Call
 from api.context import AppContext
 from config.models import ModelSpec
-from lifecycle.engine import Engine
+from lifecycle.admission import QueueClosed, QueueTimeout, Ticket
+from lifecycle.engine import Engine, Lease
 from lifecycle.replicas import ReplicaSet
 from lifecycle.state import EngineState
 from router.balance import affinity_key
-from router.errors import GpuOverloaded, ModelNotFound, QueueFull
+from router.errors import GpuOverloaded, ModelNotFound, ModelUnavailable, QueueFull
 from router.policy import Route, choose_route, overflow
 from router.scaling import Decision, Overflow, Serve, Start, Wait
+from router.ticker import Ticker
+
+
+class Pending(enum.Enum):
+    REPLICA = "replica"  # every replica is busy and one is starting: `wait()` for one
+    QUEUE = "queue"  # the model is saturated: `enqueue()`, then wait for a slot
 
 
 class Selector:
-    def __init__(self, ctx: AppContext) -> None:
+    def __init__(self, ctx: AppContext, ticker: Ticker) -> None:
         self.ctx = ctx
+        self.ticker = ticker
 
-    def select(self, spec: ModelSpec, call: Call) -> Engine | None:
-        """The engine for `call`, or None: every replica is busy and one is starting, so
-        the request must `wait()` for whichever frees first."""
-        models = self.ctx.manager.models
-        replicas = models[spec.name]
+    def queue_timeout(self, spec: ModelSpec) -> float:
+        timeout = spec.queue_timeout
+        return self.ctx.settings.queue_timeout if timeout is None else timeout
+
+    def select(self, spec: ModelSpec, call: Call) -> Engine | Pending:
+        """The engine for `call`, or how it must wait for one."""
+        replicas = self.ctx.manager.models[spec.name]
+        if replicas.queue.waiting and spec.execution_mode == "gpu" and self.queue_timeout(spec) > 0:
+            return Pending.QUEUE  # others wait for a slot: it goes behind them, fairly
+        try:
+            return self._select(spec, replicas, call)
+        except GpuOverloaded:
+            if self.queue_timeout(spec) <= 0:
+                raise
+            return Pending.QUEUE
+
+    def _select(self, spec: ModelSpec, replicas: ReplicaSet, call: Call) -> Engine | Pending:
         if replicas.single:
             if replicas.held:  # a request ends an operator's hold (only `replicas: 1` has a min)
                 replicas.held = False
@@ -61,11 +85,12 @@ class Selector:
                 )
             if isinstance(decision, Start):
                 self._routed(spec, "scale_up")
-            return None
+            return Pending.REPLICA
         return self._act(spec, replicas, decision, call)
 
-    async def wait(self, call: Call) -> Engine:
-        """Wait for a replica of the model to take `call` (bounded by STARTUP_TIMEOUT)."""
+    async def wait(self, call: Call) -> Engine | Pending:
+        """Wait for a replica of the model to take `call` (bounded by STARTUP_TIMEOUT); or,
+        when they all stay busy at `max` and the model queues, Pending.QUEUE."""
         replicas = self.ctx.manager.models.get(call.model)
         if replicas is None:  # removed by a reload while it waited
             raise ModelNotFound(call.model, self.ctx.registry.names)
@@ -76,7 +101,37 @@ class Selector:
             timeout,
             lambda: self._routed(replicas.spec, "scale_up"),
         )
-        return self._act(replicas.spec, replicas, decision, call)
+        try:
+            return self._act(replicas.spec, replicas, decision, call)
+        except GpuOverloaded:
+            if self.queue_timeout(replicas.spec) <= 0:
+                raise
+            return Pending.QUEUE
+
+    async def queued(self, call: Call, tenant: str, weight: float, cost: float) -> tuple[Engine, Lease]:
+        """Wait in the model's admission queue for a slot: the engine and the lease taken for
+        the request; 429 GPU_OVERLOADED past its queue_timeout, QUEUE_FULL past
+        max_queued_requests, 503 when the model is removed meanwhile."""
+        ticket = self._enqueue(call, tenant, weight, cost)
+        queue = self.ctx.manager.models[call.model].queue
+        try:
+            return await queue.wait(ticket)
+        except QueueTimeout as exc:
+            raise GpuOverloaded(exc.message, retry_after=exc.retry_after) from exc
+        except QueueClosed as exc:
+            raise ModelUnavailable(exc.message) from exc
+
+    def _enqueue(self, call: Call, tenant: str, weight: float, cost: float) -> Ticket:
+        replicas = self.ctx.manager.models[call.model]
+        queue, spec = replicas.queue, replicas.spec
+        if queue.waiting >= replicas.first.max_waiting:
+            raise QueueFull(
+                f"{queue.waiting} requests already wait for a slot on model '{spec.name}'", retry_after=1.0
+            )
+        return queue.join(
+            tenant, call.priority, weight, cost,
+            timeout=self.queue_timeout(spec), cap=self.ctx.policy.threshold, ticker=self.ticker,
+        )  # fmt: skip
 
     def _act(self, spec: ModelSpec, replicas: ReplicaSet, decision: Decision, call: Call) -> Engine:
         if isinstance(decision, Overflow):
@@ -88,7 +143,7 @@ class Selector:
                     f"(limit {self.ctx.policy.threshold} requests each)",
                 )  # fmt: skip
             except GpuOverloaded:
-                self._routed(spec, "rejected")
+                self._routed(spec, "queued" if self.queue_timeout(spec) > 0 else "rejected")
                 raise
             self._routed(spec, "offload")
             return self._engine(route, call)

@@ -10,6 +10,9 @@
         max_concurrent: 4           # requests in flight at once
         max_tokens: 1024            # largest max_tokens a request may ask for
         max_n: 1                    # largest n
+        priority: normal            # high | normal | low: admission order on a saturated model
+        weight: 1                   # share of a saturated model's slots among waiting keys
+        priority_header: true       # X-Priority may lower a request's priority (never raise it)
 
 Keys are kept only as SHA-256 digests.
 """
@@ -19,6 +22,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -42,6 +46,9 @@ class KeyPolicy(BaseModel):
     max_concurrent: int | None = Field(None, ge=1)
     max_tokens: int | None = Field(None, ge=1)
     max_n: int | None = Field(None, ge=1)
+    priority: Literal["high", "normal", "low"] = "normal"
+    weight: float = Field(1.0, gt=0, le=1000)
+    priority_header: bool = True
 
     @model_validator(mode="after")
     def _one_key(self) -> KeyPolicy:

@@ -110,6 +110,9 @@ class ModelSpec(BaseModel):
     served_model_name: str | None = None
     timeouts: ModelTimeouts = Field(default_factory=ModelTimeouts)
     max_queued_requests: int | None = Field(None, ge=1)
+    # Seconds a request may wait for a slot when this GPU model is saturated (unset:
+    # QUEUE_TIMEOUT; 0: 429 at once). Who is admitted next: router/fairness.py.
+    queue_timeout: float | None = Field(None, ge=0)
     # Request fields applied when a request leaves them out (max_tokens: when it gives
     # neither max_tokens nor max_completion_tokens).
     defaults: dict[str, Any] = Field(default_factory=dict)
@@ -450,6 +453,11 @@ def _gpu_field_problems(label: str, m: ModelSpec) -> list[str]:
         problems.append(f"{label}: {name}: {why}")
     if m.sleep_timeout is not None and m.on_idle != "sleep":
         problems.append(f"{label}: sleep_timeout: applies only with on_idle: sleep")
+    if m.queue_timeout is not None and m.execution_mode != "gpu":
+        problems.append(
+            f"{label}: queue_timeout: only a GPU model has an in-flight bound to queue for "
+            "(a CPU model's requests queue on its engine)"
+        )
     if len(set(m.gpu_ids)) != len(m.gpu_ids):
         problems.append(f"{label}: gpu_id: {list(m.gpu_ids)} names a GPU twice")
     if any(i < 0 for i in m.gpu_ids):

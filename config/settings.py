@@ -88,6 +88,9 @@ class Settings(BaseSettings):
 
     enable_cpu_offload: bool = True
     offload_queue_threshold: int = Field(3, ge=1)
+    # Seconds a request may wait for a slot on a saturated GPU model with no CPU twin or
+    # replica to go to (per model: `queue_timeout`); 0: 429 GPU_OVERLOADED at once.
+    queue_timeout: float = Field(0.0, ge=0)
 
     # Pid records, per-model engine logs and assembled model files live here.
     state_dir: Path = Field(default_factory=_default_state_dir)

@@ -138,6 +138,9 @@ class Engine:
         # Set by its ReplicaSet: told of every release and state change (requests waiting for
         # a replica to free), and asked before an idle stop (False: keep it, the model's `min`).
         self.on_change: Callable[[], None] | None = None
+        # Set by its model's admission queue while requests wait (lifecycle/admission.py):
+        # told of every release first, so that it hands the slot over in the same step.
+        self.on_release: Callable[[Engine], None] | None = None
         self.may_idle_stop: Callable[[Engine], bool] | None = None
 
     def _configure(self, spec: ModelSpec, backend: Backend, override: EngineOverride | None) -> None:
@@ -270,6 +273,8 @@ class Engine:
     def _release(self) -> None:
         self.in_flight -= 1
         self.last_used = time.time()
+        if self.on_release is not None:
+            self.on_release(self)
         if self.on_change is not None:
             self.on_change()
         if self.in_flight == 0:

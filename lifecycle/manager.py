@@ -169,7 +169,9 @@ class EngineManager:
                 spec, backend_for(spec.backend), self._services, self._override(spec.backend)
             )
         for name in removed:
-            for engine in self.models.pop(name).engines:
+            gone = self.models.pop(name)
+            gone.queue.close(f"Model '{name}' was removed from the registry while this request waited")
+            for engine in gone.engines:
                 self._retire(engine)
         self.maintain()
         self.preload()
@@ -187,6 +189,8 @@ class EngineManager:
             self._monitor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._monitor
+        for replicas in self.models.values():
+            replicas.queue.close("The daemon is shutting down")
         stops = [engine.stop() for engine in self.all_engines()]
         await asyncio.gather(*stops, *self._retiring, return_exceptions=True)
         await self._prober.close()

@@ -29,6 +29,7 @@ from collections.abc import Callable
 
 from backends.base import Backend
 from config.models import EngineOverride, ModelSpec
+from lifecycle.admission import AdmissionQueue
 from lifecycle.capacity import Place
 from lifecycle.engine import Engine
 from lifecycle.services import EngineServices
@@ -59,6 +60,8 @@ class ReplicaSet:
         self.single = True  # one engine: the request path skips the set's decision
         # An operator stopped the model: `min` is not restored until a request or a start.
         self.held = False
+        # Requests waiting for a slot when every replica is full (QUEUE_TIMEOUT > 0).
+        self.queue = AdmissionQueue(spec.name, self.engines, services.events)
         self._resize(spec, backend, override)
 
     # ----------------------------------------------------------------- shape

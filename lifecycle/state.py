@@ -128,6 +128,7 @@ class EngineEvents(Protocol):
     def evicted(self, model: str, action: str, replica: int = 0) -> None: ...
     def woke(self, model: str, seconds: float, replica: int = 0) -> None: ...
     def warmed(self, model: str, seconds: float, replica: int = 0) -> None: ...
+    def queue_left(self, model: str, priority: str, outcome: str, seconds: float) -> None: ...
 
 
 class NoEvents:
@@ -150,4 +151,7 @@ class NoEvents:
         pass
 
     def warmed(self, model: str, seconds: float, replica: int = 0) -> None:
+        pass
+
+    def queue_left(self, model: str, priority: str, outcome: str, seconds: float) -> None:
         pass

@@ -98,6 +98,10 @@ class InvalidHttp(InvalidRequest):
     code = "INVALID_HTTP"
 
 
+class InvalidHeader(InvalidRequest):
+    code = "INVALID_HEADER"
+
+
 class Unauthorized(RouterError):
     status, code, type = 401, "UNAUTHORIZED", "authentication_error"
 

@@ -51,6 +51,7 @@ def test_health_models_status_install(daemon_for: Any) -> None:
             "replicas",
             "queued",
             "execution_mode",
+            "admission_queue",
         }
         assert [r["replica"] for r in status["models"][0]["replicas"]] == [0]
         install = c.get("/v1/models/install").json()

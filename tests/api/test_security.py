@@ -13,6 +13,7 @@ import yaml
 
 from api.auth import Authenticator
 from config.keys import digest, load_keys
+from config.models import ConfigError
 from router.errors import Forbidden, Unauthorized
 from tests.helpers import Daemon, fake_model, registry_doc
 
@@ -206,3 +207,29 @@ def test_a_trusted_proxy_forwarding_a_remote_client_is_not_loopback(daemon_for: 
         assert c.get("/v1/admin/models/m/logs").status_code == 200
         body = {"model": "m", "prompt": "x", "max_tokens": 1}
         assert c.post("/v1/completions", json=body, headers=remote).status_code == 200
+
+
+def test_priority_and_weight_come_from_the_keys_file(tmp_path: Path) -> None:
+    from api.tenancy import request_priority, tenant_of
+    from router.errors import InvalidHeader
+
+    keys = tmp_path / "keys.yaml"
+    keys.write_text(
+        "keys:\n"
+        "  - {key: sk-high-0123456789, name: ops, priority: high, weight: 4}\n"
+        "  - {key: sk-low-0123456789, name: batch, priority: low, priority_header: false}\n"
+    )
+    auth = Authenticator(load_keys("", keys, None))
+    ops = auth.client({b"x-api-key": b"sk-high-0123456789"})
+    batch = auth.client({b"x-api-key": b"sk-low-0123456789"})
+    assert tenant_of(ops, ("10.0.0.1", 1)) == ("ops", 4.0)
+    assert tenant_of(None, ("10.0.0.1", 1)) == ("10.0.0.1", 1.0)  # no keys: the client address
+    assert request_priority(ops, None) == 0 and request_priority(ops, b" Normal ") == 1
+    assert request_priority(None, b"high") == 1, "without a key the header may only lower"
+    assert request_priority(batch, b"high") == 2 and request_priority(batch, b"bogus") == 2
+    with pytest.raises(InvalidHeader, match="X-Priority"):
+        request_priority(ops, b"urgent")
+    keys.write_text("keys:\n  - {key: sk-bad-0123456789, name: x, priority: urgent, weight: 0}\n")
+    with pytest.raises(ConfigError) as err:
+        load_keys("", keys, None)
+    assert len(err.value.problems) == 2

@@ -137,6 +137,7 @@ def test_gpu_capacity_fields_are_checked_with_file_model_and_field() -> None:
                 {**_m("g", args=["--gpu-memory-utilization=0.5"]), "backend": "vllm"},
                 _m("i", gpu_id=[0, 0]),
                 _m("j", env={"CUDA_VISIBLE_DEVICES": "1"}),
+                _gguf("k", queue_timeout=5),
             ],
             "gpus": [{"id": 0, "memory_gb": 80}, {"id": 0, "memory_gb": 40}],
         }
@@ -150,6 +151,8 @@ def test_gpu_capacity_fields_are_checked_with_file_model_and_field() -> None:
         "models[4] 'g': args: --gpu-memory-utilization is set by the daemon",
         "models[5] 'i': gpu_id: [0, 0] names a GPU twice",
         "models[6] 'j': env: CUDA_VISIBLE_DEVICES is set by the daemon (use gpu_id)",
+        "models[7] 'k': queue_timeout: only a GPU model has an in-flight bound to queue for "
+        "(a CPU model's requests queue on its engine)",
         "gpus[1]: id: GPU 0 is declared twice",
     ]
 
