@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from api.compute import Limits
 from config.keys import KeyPolicy, KeyStore
 from router.errors import Forbidden, RateLimited, Unauthorized
+from router.fairness import PRIORITIES
 
 
 class TokenBucket:
@@ -84,6 +85,7 @@ class KeyState:
     tokens: TokenBucket | None
     limits: Limits = ()
     in_flight: int = 0
+    priority: int = 1  # the key's admission class, an index into router.fairness.PRIORITIES
 
 
 class Admission:
@@ -154,6 +156,7 @@ class Authenticator:
                 requests=TokenBucket(p.requests_per_minute) if p.requests_per_minute else None,
                 tokens=TokenBucket(p.tokens_per_minute) if p.tokens_per_minute else None,
                 limits=effective_limits(p, max_tokens, max_n),
+                priority=PRIORITIES.index(p.priority),
             )
             for sha, p in store.clients.items()
         }

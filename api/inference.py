@@ -104,7 +104,8 @@ class InferenceEndpoint:
             if call.left:  # its client went away while it waited
                 self._done(call, "", 499, "CLIENT_DISCONNECTED")
             return  # the client left before its request was read or while it waited
-        self.ctx.metrics.admitted(call.model, key.policy.name if key is not None else "", call.priority)
+        if key is not None:  # tenants are labelled by configured key names only
+            self.ctx.metrics.admitted(call.model, key.policy.name, call.priority)
         if engine.name != call.model:
             self.ctx.metrics.offload(call.model, engine.name)
         with lease:

@@ -149,7 +149,7 @@ class Metrics(Collector):
         )
         self.admissions = _Counter(
             f"{P}_admissions",
-            "Requests given a slot on an engine, by model, API key name (empty without client keys) "
+            "Requests made with a client key and given a slot on an engine, by model, the key's name "
             "and priority.",
             ["model", "key", "priority"],
         )

@@ -45,8 +45,9 @@ class Selector:
     def select(self, spec: ModelSpec, call: Call) -> Engine | Pending:
         """The engine for `call`, or how it must wait for one."""
         replicas = self.ctx.manager.models[spec.name]
-        if replicas.queue.waiting and spec.execution_mode == "gpu" and self.queue_timeout(spec) > 0:
-            return Pending.QUEUE  # others wait for a slot: it goes behind them, fairly
+        # While requests wait in its queue, a model's engines stay at the bound (a release hands
+        # the slot to a waiter: lifecycle/admission.py), so a newcomer is refused here and
+        # queues behind them.
         try:
             return self._select(spec, replicas, call)
         except GpuOverloaded:

@@ -26,7 +26,7 @@ _BY_NAME = {name.encode(): i for i, name in enumerate(PRIORITIES)}
 
 def request_priority(key: KeyState | None, header: bytes | None) -> int:
     """The request's class (an index into PRIORITIES); 400 for an X-Priority it cannot mean."""
-    base = NORMAL if key is None else PRIORITIES.index(key.policy.priority)
+    base = NORMAL if key is None else key.priority
     if header is None or (key is not None and not key.policy.priority_header):
         return base
     asked = _BY_NAME.get(header.strip().lower())

@@ -32,7 +32,15 @@ def summarize(raw: dict[str, Any]) -> dict[str, Any]:
         "collect": raw.get("collect", {}),
         "wake": _wake_summary(raw.get("wake")),
         "replicas": _replicas_summary(raw.get("replicas")),
+        "fairness": _fairness_summary(raw.get("fairness")),
     }
+
+
+def _fairness_summary(fair: dict[str, Any] | None) -> dict[str, float]:
+    if not fair or not fair["rows"]:
+        return {}
+    rows = fair["rows"]
+    return {"serve_ms": fair["serve_ms"], "bound": fair["bound"], **{k: median_of(rows, k) for k in rows[0]}}
 
 
 def _replicas_summary(replicas: dict[str, Any] | None) -> dict[str, Any]:
@@ -137,6 +145,7 @@ def check_targets(s: dict[str, Any]) -> list[tuple[str, str, bool]]:
             w["wake_ttft_ms"] <= w["delay_ms"] + 100,
         ))  # fmt: skip
     rows += _replica_rows(s.get("replicas"))
+    rows += _fairness_rows(s.get("fairness"))
     ol = s["overload"]
     for model, kind in (("gpu-alone", "rejected"), ("gpu", "offloaded")):
         p99 = ol[f"{model}_{kind}_p99_ms"]
@@ -164,6 +173,25 @@ def _replica_rows(r: dict[str, Any] | None) -> list[tuple[str, str, bool]]:
          f"{pa['hit_rate']:.0%} vs {rr['hit_rate']:.0%}", pa["hit_rate"] > rr["hit_rate"]),
         ("replicas, multi-turn chat: prefix_affinity TTFT p50 < round_robin",
          f"{pa['ttft_p50_ms']:.1f} vs {rr['ttft_p50_ms']:.1f} ms", pa["ttft_p50_ms"] < rr["ttft_p50_ms"]),
+    ]  # fmt: skip
+
+
+def _fairness_rows(f: dict[str, Any] | None) -> list[tuple[str, str, bool]]:
+    """A tenant sending one request at a time behind a 48-deep flood waits about one service
+    time with the admission queue (its requests are refused without it); weights 3:1 share
+    the slots 75/25 within 10 %."""
+    if not f:
+        return []
+    serve = f["serve_ms"]
+    return [
+        ("fair admission: one-at-a-time tenant's wait p99 behind a 48-deep flood <= 1.2 x one service",
+         f"{f['b_wait_p99_ms']:.0f} ms (p50 {f['b_wait_p50_ms']:.0f}), service {serve:.0f} ms; the flood got "
+         f"{f['a_served']:.0f} admissions meanwhile; without the queue "
+         f"{f['plain_b_refused_share']:.0%} of its requests were refused",
+         f["b_wait_p99_ms"] <= 1.2 * serve),
+        ("fair admission: weights 3:1 share a saturated model 75/25 (+-10 %)",
+         f"{f['a_share']:.1%} / {1 - f['a_share']:.1%} over {f['admissions']:.0f} admissions",
+         0.675 <= f["a_share"] <= 0.825),
     ]  # fmt: skip
 
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from bench import affinity, report, scenarios
+from bench import affinity, fairness, report, scenarios
 from bench.load import wrk_available
 from bench.procs import ROUTERS, Proc, engine_url, router_available, start_daemon, start_router
 from bench.scenarios import RssSampler, Target
@@ -187,6 +187,9 @@ def main(argv: list[str] | None = None) -> int:
         raw["overload"] = scenarios.overload(overload_daemon, 3, args.duration)
         measure_wake(args, work, procs, raw)
         measure_replicas(args, work, procs, raw)
+        fair_daemon = fairness.start(work / "fairness")
+        procs.append(fair_daemon)
+        raw["fairness"] = fairness.run(fair_daemon, args.rounds)
     finally:
         for proc in reversed(procs):
             proc.stop()

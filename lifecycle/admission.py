@@ -9,8 +9,8 @@ decision; this module only holds the waiters and hands them slots:
 - **Hand-off, not a race:** when a lease on one of the model's engines is released, the
   release itself (Engine.on_release) admits the next waiter in the same event-loop step:
   it takes a lease on that engine for it and wakes it. The engine's in-flight count never
-  dips below the bound while requests wait, so a request that arrives meanwhile cannot
-  take the slot ahead of them (api/select.py also sends it to the queue while any wait).
+  dips below the bound while requests wait, so a request that arrives meanwhile finds the
+  model saturated and queues behind them.
 - **No timer per request:** the daemon's Ticker looks at the queue every interval while
   anything waits; it turns away requests past their deadline and admits any waiter an
   engine has room for (a slot that freed other than by a release).
@@ -131,7 +131,10 @@ class AdmissionQueue:
                 message = self._timeout_message(ticket, now)
                 ticket.future.set_exception(QueueTimeout(self.name, message, self._retry_after()))
             self._left(ticket, "timeout", now)
+        several = len(self.engines) > 1
         for engine in sorted(self.engines, key=lambda e: e.in_flight):
+            if several and not engine.up:
+                continue  # a stopped replica is started by the scaling decision, not by the queue
             while self._fair and engine.in_flight < self.cap:
                 self._admit(engine)
         if self._fair:
