@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 
 import uvicorn
 
@@ -20,11 +21,13 @@ from api.metrics import Metrics
 from api.request_log import configure_logging
 from api.server import HttpProtocol
 from config.environment import engine_base_env
+from config.export import dump, kserve_manifests
 from config.keys import load_keys
 from config.models import ConfigError, load_registry
 from config.settings import Settings, resolve_execution_mode
 from lifecycle.gpus import nvml_gpu_count
 from lifecycle.manager import EngineManager
+from lifecycle.ray_cluster import RayUnavailable
 
 log = logging.getLogger("unified_inference")
 
@@ -36,6 +39,10 @@ def build(settings: Settings) -> AppContext:
     mode = resolve_execution_mode(settings.execution_mode, nvml_gpu_count())
     metrics = Metrics()
     manager = EngineManager(registry, settings, engine_base_env(), events=metrics)
+    try:
+        manager.connect_cluster()  # only when a model is placed on Ray
+    except RayUnavailable as exc:
+        raise ConfigError(registry.source, [f"cluster: {exc}"]) from exc
     manager.may_start = lambda spec: (
         spec.name not in manager.registry.disabled and not (mode == "cpu" and spec.execution_mode == "gpu")
     )
@@ -65,7 +72,35 @@ def client_limits(settings: Settings) -> ClientLimits:
     )
 
 
-def main() -> int:
+def export(args: list[str]) -> int:
+    """`python main.py export kserve [--out FILE]`: KServe manifests of the GPU models."""
+    if args[:1] != ["kserve"] or len(args) not in (1, 3) or (len(args) == 3 and args[1] != "--out"):
+        print("usage: python main.py export kserve [--out FILE]", file=sys.stderr)
+        return 2
+    settings = Settings()
+    try:
+        registry = load_registry(settings.models_config_path)
+    except ConfigError as exc:
+        print(f"unified-inference: invalid configuration:\n{exc}", file=sys.stderr)
+        return 2
+    manifests = kserve_manifests(registry)
+    names = [m["metadata"]["name"] for m in manifests]
+    clashes = sorted({n for n in names if names.count(n) > 1})
+    if clashes:
+        print(f"unified-inference: models map to the same Kubernetes name: {clashes}", file=sys.stderr)
+        return 2
+    text = dump(manifests)
+    if len(args) == 3:
+        Path(args[2]).write_text(text, encoding="utf-8")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["export"]:
+        return export(argv[1:])
     settings = Settings()
     configure_logging(settings.log_level, settings.log_format)
     try:

@@ -171,12 +171,12 @@ class InferenceEndpoint:
         guard = DisconnectGuard(receive, self.ticker)
         try:
             try:
-                await self._forward(call, engine)
+                served = await self._forward(call, engine)
             finally:
                 guard.close()  # before anything else is awaited: no late cancel may land
             relay = call.relay
             assert relay is not None
-            self._done(call, engine.name, relay.status, relay.error_code)
+            self._done(call, served.name, relay.status, relay.error_code)
             if relay.complete and engine.failures:
                 engine.proved_healthy()
         except RouterError as exc:
@@ -229,8 +229,16 @@ class InferenceEndpoint:
         self.ctx.metrics.aliased(call.requested, version)
         return self.ctx.registry.models[version]
 
-    async def _forward(self, call: Call, engine: Engine) -> None:
-        base_url = await self._ready(engine)
+    async def _forward(self, call: Call, engine: Engine) -> Engine:
+        """Send the request to `engine` and relay the answer; the engine that served it."""
+        try:
+            base_url = await self._ready(engine)
+        except GpuOverloaded:
+            twin = self._spill(call, engine)
+            if twin is None:
+                raise
+            with twin.acquire():  # the GPU engine's lease is held until the end, as for any request
+                return await self._forward(call, twin)
         body, hide_usage, collect = engine_body(call, engine, self.generates)
         served = engine.spec.served_name
         extra = [(b"x-served-model", engine.name.encode()), *call.id_header]
@@ -256,6 +264,23 @@ class InferenceEndpoint:
             await self._send(call, engine, base_url, body)
         if isinstance(relay, Collector):
             await relay.finish(await self._prompt_tokens(call, engine, base_url), self._max_tokens(call))
+        return engine
+
+    def _spill(self, call: Call, engine: Engine) -> Engine | None:
+        """The CPU twin for a request whose GPU engine found no room to start (its Ray
+        placement timed out, or its GPUs stayed full), when offload may use one."""
+        twin = engine.spec.cpu_offload_model
+        replicas = self.ctx.manager.models.get(twin) if twin else None
+        if (
+            replicas is None
+            or not self.ctx.policy.offload_enabled
+            or replicas.name in self.ctx.registry.disabled
+        ):
+            return None
+        target = replicas.first if replicas.single else replicas.any_replica(None)
+        self._fit(call, call.admission.state, target)
+        self.ctx.metrics.offload(call.model, target.name)
+        return target
 
     async def _prompt_tokens(self, call: Call, engine: Engine, base_url: str) -> int:
         """The prompt's size in tokens, which a llama.cpp stream does not say: the same request

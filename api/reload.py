@@ -9,6 +9,7 @@ from typing import Any
 from api.context import AppContext
 from config.models import ConfigError, load_registry
 from lifecycle.gpus import gpus_for
+from lifecycle.ray_cluster import RayUnavailable
 from router.errors import InvalidConfig
 
 log = logging.getLogger(__name__)
@@ -19,6 +20,10 @@ def reload_registry(ctx: AppContext) -> dict[str, Any]:
     try:
         registry = load_registry(ctx.settings.models_config_path)
         gpus = gpus_for(registry)
+        try:
+            ctx.manager.connect_cluster(registry)  # a first Ray model: join its cluster now
+        except RayUnavailable as exc:
+            raise ConfigError(registry.source, [f"cluster: {exc}"]) from exc
     except ConfigError as exc:
         log.error("reload refused, nothing changed:\n%s", exc)
         raise InvalidConfig(

@@ -67,7 +67,7 @@ class Selector:
                 in_flight={spec.name: engine.in_flight},
                 # Only asked of a GPU model with a twin whose engine must start or wake.
                 no_room=spec.cpu_offload_model is not None and engine.state is not EngineState.READY
-                and spec.gpu_managed and not replicas.has_room(0),
+                and spec.execution_mode == "gpu" and not replicas.has_room(0),
             )  # fmt: skip
             return self._engine(route, call) if route.offloaded else engine
         route = choose_route(spec, policy=self.ctx.policy, disabled=self.ctx.registry.disabled, in_flight={})

@@ -34,6 +34,7 @@ class LaunchContext:
     sglang_max_running_requests: int = 3
     sglang_max_total_tokens: int = 0
     gpu_ids: tuple[int, ...] = ()  # where placement put it (CUDA_VISIBLE_DEVICES); () = the spec's gpu_id
+    host: str = LOOPBACK  # the address it binds: loopback here, a node's private IP on Ray
 
 
 @dataclass(frozen=True)

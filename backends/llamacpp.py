@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from backends.base import LOOPBACK, LaunchContext, LaunchSpec, SleepRoutes, engine_env
+from backends.base import LaunchContext, LaunchSpec, SleepRoutes, engine_env
 from config.models import ModelSpec
 
 DEFAULT_COMMAND = (sys.executable, "-m", "llama_cpp.server")
@@ -21,7 +21,7 @@ class LlamaCppBackend:
     def launch(self, spec: ModelSpec, ctx: LaunchContext) -> LaunchSpec:
         argv = [*(ctx.command or DEFAULT_COMMAND)]
         argv += ["--model", ctx.model_path, "--model_alias", spec.served_name]
-        argv += ["--host", LOOPBACK, "--port", str(ctx.port)]
+        argv += ["--host", ctx.host, "--port", str(ctx.port)]
         # With the default (true) any new request, even GET /v1/models,
         # cuts off the stream in progress.
         argv += ["--interrupt_requests", "false"]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import sys
 
 from backends.base import (
-    LOOPBACK,
     LaunchContext,
     LaunchSpec,
     SleepRoutes,
@@ -31,7 +30,7 @@ class SGLangBackend:
 
     def launch(self, spec: ModelSpec, ctx: LaunchContext) -> LaunchSpec:
         argv = [*(ctx.command or DEFAULT_COMMAND)]
-        argv += ["--model-path", ctx.model_path, "--host", LOOPBACK, "--port", str(ctx.port)]
+        argv += ["--model-path", ctx.model_path, "--host", ctx.host, "--port", str(ctx.port)]
         argv += ["--served-model-name", spec.served_name]
         argv += ["--max-running-requests", str(ctx.sglang_max_running_requests)]
         # 0 = elastic: any value given caps the KV pool, and 0 would fail start-up.

@@ -5,7 +5,6 @@ from __future__ import annotations
 import sys
 
 from backends.base import (
-    LOOPBACK,
     LaunchContext,
     LaunchSpec,
     SleepRoutes,
@@ -32,7 +31,7 @@ class VLLMBackend:
     def launch(self, spec: ModelSpec, ctx: LaunchContext) -> LaunchSpec:
         argv = [*(ctx.command or DEFAULT_COMMAND), ctx.model_path]
         # vLLM binds all interfaces unless told otherwise.
-        argv += ["--host", LOOPBACK, "--port", str(ctx.port)]
+        argv += ["--host", ctx.host, "--port", str(ctx.port)]
         argv += ["--served-model-name", spec.served_name]
         if spec.format == "awq":
             argv += ["--quantization", "awq"]

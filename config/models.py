@@ -31,6 +31,7 @@ from backends.capabilities import (
     ModelType,
     format_problem,
 )
+from config.cluster import ClusterSpec, placement_problems
 
 
 class ConfigError(Exception):
@@ -134,6 +135,12 @@ class ModelSpec(BaseModel):
     # request of their own before they serve (an engine's first request pays for its caches).
     preload: bool = False
     warmup: bool | WarmupSpec = False
+    # Where its engine runs (config/cluster.py): this host, or a node of the Ray cluster in
+    # `cluster:` with the custom resources `ray_resources`, on the node `node` (a Ray node id
+    # or IP) when given.
+    placement: Literal["local", "ray"] = "local"
+    ray_resources: dict[str, float] = Field(default_factory=dict)
+    node: str | None = Field(None, min_length=1)
 
     @model_validator(mode="before")
     @classmethod
@@ -177,6 +184,11 @@ class ModelSpec(BaseModel):
         return self.backend in GPU_BACKENDS and self.execution_mode == "gpu"
 
     @property
+    def budgeted(self) -> bool:
+        """Placed on this host's GPUs by the daemon's budget (a Ray model's GPUs are Ray's)."""
+        return self.gpu_managed and self.placement == "local"
+
+    @property
     def share(self) -> float:
         """The share of each of its GPUs this engine holds while loaded (1.0: the whole card)."""
         return self.gpu_memory if self.gpu_memory is not None else 1.0
@@ -198,7 +210,7 @@ class ModelSpec(BaseModel):
     def pooled(self) -> bool:
         """Its replicas are each placed on `gpus_per_replica` GPUs picked from the pool
         `gpu_id` (a `gpu_id` list without `replicas` is one tensor-parallel engine)."""
-        return self.replicas is not None and self.gpu_managed
+        return self.replicas is not None and self.budgeted
 
     @property
     def gpus_per_replica(self) -> int:
@@ -292,6 +304,7 @@ class _RegistryFile(BaseModel):
 
     engines: dict[BackendName, EngineOverride] = Field(default_factory=dict)
     gpus: list[GpuDeclaration] = Field(default_factory=list)
+    cluster: ClusterSpec | None = None
 
 
 @dataclass(frozen=True)
@@ -304,6 +317,7 @@ class Registry:
     disabled: Mapping[str, str] = field(default_factory=dict)
     gpus: tuple[GpuDeclaration, ...] = ()
     aliases: Mapping[str, Alias] = field(default_factory=dict)
+    cluster: ClusterSpec | None = None
 
     @property
     def names(self) -> list[str]:
@@ -336,6 +350,11 @@ def parse_registry(raw: object, source: Path) -> Registry:
     aliases = {name: _alias(name, value) for name, value in parsed.aliases.items()}
     problems = (
         _cross_check(parsed.models)
+        + [
+            p
+            for i, m in enumerate(parsed.models)
+            for p in placement_problems(f"models[{i}] '{m.name}'", m, parsed.cluster)
+        ]
         + _gpu_list_problems(parsed.gpus)
         + _alias_problems(aliases, parsed.models)
     )
@@ -351,6 +370,7 @@ def parse_registry(raw: object, source: Path) -> Registry:
         disabled=disabled,
         gpus=tuple(parsed.gpus),
         aliases=aliases,
+        cluster=parsed.cluster,
     )
 
 
@@ -476,7 +496,7 @@ def _replica_problems(label: str, m: ModelSpec) -> list[str]:
     if m.tensor_parallel_size is not None:
         if not m.gpu_managed:
             problems.append(f"{label}: tensor_parallel_size: only GPU models on SGLang or vLLM take it")
-        elif m.replicas is None:
+        elif m.replicas is None and m.placement == "local":
             problems.append(
                 f"{label}: tensor_parallel_size: applies to replicas (one tensor-parallel engine: "
                 "a gpu_id list)"

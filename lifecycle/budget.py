@@ -93,7 +93,7 @@ class GpuBudget:
                 model=e.name,
             )
             for e in self._engines()
-            if e.spec.gpu_managed
+            if e.spec.budgeted
         ]
 
     def decide(self, engine: Placeable) -> Place | Evict | Wait:

@@ -41,12 +41,13 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from backends.base import LOOPBACK, Backend, SleepRoutes
+from backends.base import Backend, SleepRoutes
 from config.models import EngineOverride, ModelSpec
 from config.settings import resolve_timeouts
 from lifecycle.gpus import describe_processes, gpu_processes
-from lifecycle.placement import LocalPlacement
+from lifecycle.placement import LocalPlacement, Placement
 from lifecycle.process import LogTail
+from lifecycle.ray_placement import RayPlacement
 from lifecycle.services import EngineServices
 from lifecycle.state import (
     EngineBackingOff,
@@ -111,7 +112,7 @@ class Engine:
         self.key = spec.name if replica == 0 else f"{spec.name}#{replica}"
         self._configure(spec, backend, override)
         self.log = LogTail(services.log_dir / f"{self.key}.log")
-        self.process = LocalPlacement(self.key, services, self.log)  # how and where it runs
+        self.process = self._placement(spec)  # how and where it runs
         self.api_key: str | None = None  # this launch's key; only the daemon knows it
         self.keep_alive = 0.0  # how long this launch keeps an idle connection open
         self._state = EngineState.STOPPED
@@ -148,10 +149,17 @@ class Engine:
         self.spec = spec
         self.backend = backend
         # Placed on the GPUs by the budget (a plain attribute: read at the end of every request).
-        self._budget = self._services.budget if spec.gpu_managed else None
+        self._budget = self._services.budget if spec.budgeted else None
         self._override = override
         self.timeouts = resolve_timeouts(spec.timeouts, settings)
         self.max_waiting = spec.max_queued_requests or settings.max_queued_requests
+
+    def _placement(self, spec: ModelSpec) -> Placement:
+        if spec.placement == "ray":
+            cluster = self._services.cluster
+            assert cluster is not None, "a Ray model without a cluster (models.yaml validation)"
+            return RayPlacement(self.key, self._services, self.log, cluster)
+        return LocalPlacement(self.key, self._services, self.log)
 
     # ------------------------------------------------------------------ views
 
@@ -173,7 +181,7 @@ class Engine:
 
     @property
     def base_url(self) -> str:
-        return f"http://{LOOPBACK}:{self.process.port}"
+        return self.process.base_url
 
     @property
     def idle_timeout(self) -> float:
@@ -253,6 +261,9 @@ class Engine:
             pinned=self.spec.pinned,
             sleeps=self.sleeps,
             wakes=self.wakes,
+            placement=self.process.kind,
+            host=self.process.host if self.process.port is not None else None,
+            node=getattr(self.process, "node_id", None),
         )
 
     async def wait_for_state(self, *states: EngineState, timeout: float) -> EngineState:
@@ -454,6 +465,34 @@ class Engine:
         if self._state is EngineState.READY and self._current() is None:
             self._begin(self._run_stop(EngineState.FAILED, reason))
 
+    def reattach(self, actor: Any, info: dict[str, Any]) -> asyncio.Task[None]:
+        """Take over the running engine a previous daemon left on the Ray cluster (its host
+        actor `actor`, which said `info`): READY once it answers, without a restart."""
+        return self._begin(self._run_reattach(actor, info))
+
+    async def _run_reattach(self, actor: Any, info: dict[str, Any]) -> None:
+        placement = self.process
+        assert isinstance(placement, RayPlacement)
+        self._set(EngineState.STARTING)
+        try:
+            await placement.adopt(actor, info, self.spec, self.backend, self._override)
+            self.api_key, self.keep_alive = placement.api_key, placement.keep_alive
+            timeout = self._services.settings.startup_timeout
+            await self._await_ready(time.monotonic() + timeout, timeout)
+        except Exception as exc:  # whatever the cause, it is stopped
+            log.warning("engine '%s': could not re-attach (%s): stopping it", self.key, exc)
+            await self._terminate()
+            self._set(EngineState.STOPPED)
+            return
+        self._ready_since = time.monotonic()
+        self._set(EngineState.READY)
+        self.ready_once = True
+        log.info("engine '%s' re-attached on %s (pid %s)", self.name, self.base_url, self.pid)
+        assert placement.exited is not None
+        asyncio.get_running_loop().create_task(self._watch_exit(placement.exited))
+        if self.in_flight == 0:
+            self._arm_idle()
+
     def kill_now(self) -> None:
         """Synchronous last resort at interpreter exit."""
         self.process.kill_now()
@@ -526,6 +565,9 @@ class Engine:
 
     async def _run_start(self) -> None:
         began = time.monotonic()
+        if self.process.kind != self.spec.placement:  # a reload moved it (it is stopped)
+            self.process = self._placement(self.spec)
+        await self.process.place(self.spec, self._override)  # a Ray node with room (local: here)
         await self._place(began)
         self._set(EngineState.STARTING)
         self.starts += 1

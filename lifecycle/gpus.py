@@ -121,7 +121,7 @@ def inventory(
 
 def placement_problems(models: Iterable[ModelSpec], gpus: Sequence[Gpu]) -> list[str]:
     """Models that can never be placed: each names its model and field."""
-    managed = [(i, m) for i, m in enumerate(models) if m.gpu_managed]
+    managed = [(i, m) for i, m in enumerate(models) if m.budgeted]
     pinned = [(m.name, m.share, m.gpu_ids) for _, m in managed if m.pinned and m.gpu_ids]
     problems = []
     for i, m in managed:

@@ -26,6 +26,8 @@ from lifecycle.gpus import gpus_for
 from lifecycle.model_files import ModelFiles
 from lifecycle.pidrecords import PidRecords
 from lifecycle.probe import Prober
+from lifecycle.ray_attach import reconcile
+from lifecycle.ray_cluster import RayCluster
 from lifecycle.replicas import ReplicaSet
 from lifecycle.services import EngineServices
 from lifecycle.state import EngineEvents, EngineState, NoEvents
@@ -59,7 +61,7 @@ class EngineManager:
             settings.max_loaded_models,
             lambda: list(self.all_engines()),
         )
-        shared = [m.name for m in registry.models.values() if m.gpu_managed and m.gpu_memory is not None]
+        shared = [m.name for m in registry.models.values() if m.budgeted and m.gpu_memory is not None]
         if shared and not self.budget.gpus:
             log.warning(
                 "no GPU is known (NVML sees none and models.yaml declares no gpus:): the memory shares "
@@ -75,7 +77,9 @@ class EngineManager:
             log_dir=settings.log_dir,
             events=events or NoEvents(),
             budget=self.budget,
+            cluster=RayCluster(registry.cluster),
         )
+        self.cluster: RayCluster = services.cluster  # type: ignore[assignment]  # set just above
         self.models: dict[str, ReplicaSet] = {
             name: ReplicaSet(spec, backend_for(spec.backend), services, self._override(spec.backend))
             for name, spec in registry.models.items()
@@ -114,9 +118,24 @@ class EngineManager:
         if reaped:
             log.warning("reaped %d orphaned engine group(s)", len(reaped))
         atexit.register(self._kill_all_now)
+        if self.cluster.connected:
+            engines = {e.key: e for e in self.all_engines()}
+            kept, stopped = await reconcile(self.cluster, engines)
+            if kept or stopped:
+                log.info(
+                    "Ray engines of a previous daemon: %d re-attached, %d stopped", len(kept), len(stopped)
+                )
         self._monitor = asyncio.get_running_loop().create_task(self._monitor_health(), name="health-monitor")
         self.maintain()
         self.preload()
+
+    def connect_cluster(self, registry: Registry | None = None) -> None:
+        """Join the Ray cluster when `registry` (the current one) places a model on it
+        (blocking, once; RayUnavailable when it cannot)."""
+        registry = registry or self.registry
+        self.cluster.configure(registry.cluster)
+        if any(m.placement == "ray" for m in registry.models.values()):
+            self.cluster.connect()
 
     def preload(self) -> None:
         """Start the `preload` models (their `min` replicas, at least one) in the background."""

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 
 from backends.base import LOOPBACK, Backend, LaunchContext
 from config.models import EngineOverride, ModelSpec
@@ -36,67 +36,61 @@ PROBE_TIMEOUT = 2.0
 Fail = Callable[[str], EngineStartError]  # the engine's start error, with its last output lines
 
 
-class LocalPlacement:
-    """One engine's process on this host: its process group, port, launch key and output."""
+def launch_key() -> str:
+    """A fresh key for one launch of an engine. Hex, never url-safe base64: a key starting
+    with "-" reads as a flag to argparse."""
+    return secrets.token_hex(24)
+
+
+class Placement:
+    """What the Engine asks of where its process runs (LocalPlacement here; RayPlacement in
+    lifecycle/ray_placement.py): launch, readiness, output, stop."""
+
+    kind = "local"
 
     def __init__(self, key: str, services: EngineServices, log: LogTail) -> None:
-        self.key = key  # the pid record's name
+        self.key = key  # the pid record's (or Ray actor's) name
         self._services = services
         self.log = log
-        self._proc: EngineProcess | None = None
         self.exited: asyncio.Task[int] | None = None  # done when the process has exited
         self._pump: asyncio.Task[None] | None = None
+        self.host = LOOPBACK  # where it listens
         self.port: int | None = None
         self.api_key: str | None = None  # this launch's key; only the daemon knows it
         self.keep_alive = 0.0  # how long this launch keeps an idle connection open
 
     @property
     def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
+        raise NotImplementedError
 
     @property
     def base_url(self) -> str:
-        return f"http://{LOOPBACK}:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     def exit_code(self) -> int | None:
         """The exit code once the process has exited (without waiting for the exit notice)."""
-        return self._proc.popen.poll() if self._proc is not None else None
+        raise NotImplementedError
+
+    @property
+    def may_place(self) -> bool:
+        """Whether a start may find room now (a Ray cluster says no for a while after a
+        placement timed out)."""
+        return True
+
+    async def place(self, spec: ModelSpec, override: EngineOverride | None) -> None:
+        """Find where the process will run, before its start (local: this host, at once)."""
 
     async def launch(
         self, spec: ModelSpec, backend: Backend, override: EngineOverride | None, gpu_ids: tuple[int, ...],
         fail: Fail,
     ) -> None:  # fmt: skip
-        settings = self._services.settings
-        self.port = spec.port or free_port()
-        # Hex, never url-safe base64: a key starting with "-" reads as a flag to argparse.
-        self.api_key = secrets.token_hex(24)
-        try:
-            model_path = await asyncio.to_thread(self._services.model_files.resolve, spec.model_path)
-        except ModelFileError as exc:
-            raise fail(str(exc)) from exc
-        ctx = LaunchContext(
-            port=self.port,
-            model_path=model_path,
-            base_env=self._services.base_env,
-            command=override.command if override else None,
-            override_env=override.env if override else {},
-            sglang_max_running_requests=settings.sglang_max_running_requests,
-            sglang_max_total_tokens=settings.sglang_max_total_tokens,
-            api_key=self.api_key,
-            gpu_ids=gpu_ids,
-        )
-        launch = backend.launch(spec, ctx)
-        self.keep_alive = launch.keep_alive
-        self.log.secret = self.api_key
-        try:
-            self._proc = await spawn(launch.argv, launch.env, self.log)
-        except OSError as exc:
-            self.log.write(f"=== could not launch: {exc}")
-            raise fail(f"could not launch '{launch.argv[0]}': {exc}") from exc
-        self._services.pid_records.write(self.key, self._proc.pid)
-        loop = asyncio.get_running_loop()
-        self._pump = loop.create_task(pump_output(self._proc.output, self.log))
-        self.exited = loop.create_task(self._proc.wait())
+        raise NotImplementedError
+
+    async def terminate(self) -> None:
+        raise NotImplementedError
+
+    def kill_now(self) -> None:
+        raise NotImplementedError
 
     async def await_ready(
         self, path: str, deadline: float, timeout: float, abort: asyncio.Event, fail: Fail,
@@ -128,6 +122,65 @@ class LocalPlacement:
         if self._pump is not None:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(asyncio.shield(self._pump), 0.5)
+
+    def _context(
+        self, spec: ModelSpec, override: EngineOverride | None, model_path: str, gpu_ids: tuple[int, ...],
+        base_env: Mapping[str, str],
+    ) -> LaunchContext:  # fmt: skip
+        settings = self._services.settings
+        assert self.port is not None
+        return LaunchContext(
+            port=self.port,
+            host=self.host,
+            model_path=model_path,
+            base_env=base_env,
+            command=override.command if override else None,
+            override_env=override.env if override else {},
+            sglang_max_running_requests=settings.sglang_max_running_requests,
+            sglang_max_total_tokens=settings.sglang_max_total_tokens,
+            api_key=self.api_key,
+            gpu_ids=gpu_ids,
+        )
+
+
+class LocalPlacement(Placement):
+    """One engine's process on this host: its process group, loopback port, key and output."""
+
+    def __init__(self, key: str, services: EngineServices, log: LogTail) -> None:
+        super().__init__(key, services, log)
+        self._proc: EngineProcess | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def exit_code(self) -> int | None:
+        return self._proc.popen.poll() if self._proc is not None else None
+
+    async def launch(
+        self, spec: ModelSpec, backend: Backend, override: EngineOverride | None, gpu_ids: tuple[int, ...],
+        fail: Fail,
+    ) -> None:  # fmt: skip
+        self.port = spec.port or free_port()
+        self.api_key = launch_key()
+        try:
+            model_path = await asyncio.to_thread(self._services.model_files.resolve, spec.model_path)
+        except ModelFileError as exc:
+            raise fail(str(exc)) from exc
+        launch = backend.launch(
+            spec, self._context(spec, override, model_path, gpu_ids, self._services.base_env)
+        )
+        self.keep_alive = launch.keep_alive
+        self.log.secret = self.api_key
+        try:
+            self._proc = await spawn(launch.argv, launch.env, self.log)
+        except OSError as exc:
+            self.log.write(f"=== could not launch: {exc}")
+            raise fail(f"could not launch '{launch.argv[0]}': {exc}") from exc
+        self._services.pid_records.write(self.key, self._proc.pid)
+        loop = asyncio.get_running_loop()
+        self._pump = loop.create_task(pump_output(self._proc.output, self.log))
+        self.exited = loop.create_task(self._proc.wait())
 
     async def terminate(self) -> None:
         """Stop the process group (SIGTERM, grace, SIGKILL) and forget the process."""

