@@ -84,8 +84,22 @@ def test_ray_engines_land_where_their_resources_are_and_serve(daemon_for: Any, c
         direct = httpx.post(f"http://{big['host']}:{big['port']}/v1/completions",
                             json={"model": "big", "prompt": "x"}, timeout=10)  # fmt: skip
         assert direct.status_code == 401
-        logs = c.get("/v1/admin/models/big/logs").text
-        assert f"on Ray node {cluster.node_ids[NODE_A]}" in logs
+        # Its output comes back through its actor, into the same log as a local engine's.
+        wait_until(
+            lambda: "fake engine 'big' (sglang) serving on" in c.get("/v1/admin/models/big/logs").text, 10
+        )
+        assert f"on Ray node {cluster.node_ids[NODE_A]}" in c.get("/v1/admin/models/big/logs").text
+
+
+def test_replicas_of_a_ray_model(daemon_for: Any, cluster: FakeCluster) -> None:
+    daemon: Daemon = daemon_for(ray_doc(ray_model("pair", replicas=2)), **cluster.env).start(timeout=60)
+    with daemon.client(timeout=60) as c:
+        wait_until(lambda: [r["state"] for r in row(c, "pair")["replicas"]] == ["ready", "ready"], 30)
+        replicas = row(c, "pair")["replicas"]
+        assert {r["node"] for r in replicas} <= {cluster.node_ids[NODE_A], cluster.node_ids[NODE_B]}
+        answers = [c.post("/v1/completions", json={"model": "pair", "prompt": f"{i}"}) for i in range(6)]
+        served = {a.headers["x-served-replica"] for a in answers}
+        assert served == {"0", "1"}
 
 
 def test_idle_stop_leaves_nothing_and_a_dead_host_is_a_failure(daemon_for: Any, cluster: FakeCluster) -> None:
