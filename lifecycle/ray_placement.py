@@ -30,6 +30,7 @@ from lifecycle.placement import Fail, Placement, launch_key
 from lifecycle.process import LogTail
 from lifecycle.ray_cluster import RayCluster
 from lifecycle.services import EngineServices
+from lifecycle.state import EngineStartError
 
 log = logging.getLogger(__name__)
 OUTPUT_POLL = 0.5  # seconds between reads of the engine's output from its actor
@@ -74,7 +75,7 @@ class RayPlacement(Placement):
         """A host actor on a node with the model's resources, within placement_timeout."""
         timeout = self.cluster.spec.placement_timeout
         api_key = launch_key()
-        actor = self.cluster.create_host(self.key, spec, fingerprint(spec, override), api_key)
+        actor = await self._create(spec, fingerprint(spec, override), api_key)
         try:
             where = await asyncio.wait_for(_awaitable(actor.reserve.remote()), timeout)
         except TimeoutError:
@@ -84,11 +85,33 @@ class RayPlacement(Placement):
             self.log.write(f"=== no Ray node had {need} within {timeout:g}s: placement cancelled")
             raise EngineNoRoom(spec.name, f"model '{spec.name}': no Ray node had {need} within "
                                f"placement_timeout ({timeout:g}s)", ()) from None  # fmt: skip
-        except BaseException:
+        except Exception as exc:  # the actor failed, or the cluster is unreachable
+            self.cluster.kill(actor)
+            raise EngineStartError(
+                spec.name, f"model '{spec.name}': Ray could not place it: {exc}", []
+            ) from exc
+        except BaseException:  # cancelled: an operator's stop, or the daemon exits
             self.cluster.kill(actor)
             raise
         self._actor, self.api_key = actor, api_key
         self._where(where)
+
+    async def _create(self, spec: ModelSpec, print_: str, api_key: str) -> Any:
+        """The host actor. One left under this engine's name (a stop that could not reach the
+        cluster) is stale, as this engine is stopped: it is killed, and its name freed."""
+        for _ in range(50):
+            try:
+                return self.cluster.create_host(self.key, spec, print_, api_key)
+            except ValueError:  # the name is taken
+                stale = self.cluster.host(self.key)
+                if stale is not None:
+                    self.cluster.kill(stale)
+                await asyncio.sleep(0.1)
+            except Exception as exc:
+                raise EngineStartError(spec.name, f"model '{spec.name}': Ray refused it: {exc}", []) from exc
+        raise EngineStartError(
+            spec.name, f"model '{spec.name}': the Ray actor name {self.key!r} stays taken", []
+        )
 
     def _where(self, where: dict[str, Any]) -> None:
         self.host, self.port = where["ip"], where["port"]
@@ -190,6 +213,10 @@ class RayPlacement(Placement):
         seen, _ = await _awaitable(actor.output.remote(1 << 62))
         self._seen = int(seen)
         self._follow(actor)
+
+
+def _start_error(spec: ModelSpec, why: str) -> EngineStartError:
+    return EngineStartError(spec.name, f"model '{spec.name}': {why}", [])
 
 
 def _resources(spec: ModelSpec) -> str:

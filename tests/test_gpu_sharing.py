@@ -221,7 +221,9 @@ def test_an_idle_engine_sleeps_keeps_its_process_and_wakes_once(daemon_for: Any,
         for name in ("s", "v"):
             assert ask(c, name).status_code == 200
         pids = {n: r["pid"] for n, r in rows(c).items()}
-        wait_until(lambda: all(r["state"] == "sleeping" for r in rows(c).values()), 15)
+        # Asleep once the engine said so: the state turns `sleeping` as the sleep call begins,
+        # `sleeps` counts it once the engine has answered (its memory released).
+        wait_until(lambda: all(r["state"] == "sleeping" and r["sleeps"] == 1 for r in rows(c).values()), 15)
         assert all(pid_alive(pid) for pid in pids.values())
         assert ledger(tmp_path).get("0", {}) == {}, "a sleeping engine holds no GPU memory"
         assert c.get("/v1/status").json()["gpus"][0]["share_reserved"] == 0
