@@ -25,7 +25,7 @@ import orjson
 
 from api.auth import KeyState
 from api.body import Receive, parse_payload, read_body
-from api.call import Call, Send, alias_session, engine_body, fit, tokens_owed, wrong_type
+from api.call import Call, Send, engine_body, fit, tokens_owed
 from api.compute import (
     OUTPUT_LIMITS,
     max_tokens_asked,
@@ -38,7 +38,6 @@ from api.request_log import REQUEST_ID, access_log, request_id_from
 from api.select import Pending, Selector
 from api.tenancy import request_cost, request_priority, tenant_of
 from backends.capabilities import ROUTES, SERVED_TYPES
-from config.models import ModelSpec
 from lifecycle.budget import EngineNoRoom
 from lifecycle.engine import Engine, Lease
 from lifecycle.state import EngineError, EngineQueueFull
@@ -47,7 +46,6 @@ from router.collect import Capture, Collector
 from router.errors import (
     BackendConnectFailed,
     GpuOverloaded,
-    ModelNotFound,
     ModelUnavailable,
     QueueFull,
     RouterError,
@@ -116,7 +114,7 @@ class InferenceEndpoint:
         while it waits (`call.pending` says for what)."""
         auth = self.ctx.auth
         call.payload, call.requested = parse_payload(call.body)
-        spec = self._spec(call)
+        spec = self.selector.spec(call, self.path)
         call.model, call.backend = spec.name, spec.backend
         if key is not None:
             call.admission = auth.admit(key, spec.name)
@@ -212,23 +210,6 @@ class InferenceEndpoint:
                 self.path, status, f" {code}" if code else "", elapsed * 1000, call.model, served or "-",
             )  # fmt: skip
 
-    def _spec(self, call: Call) -> ModelSpec:
-        spec = self.ctx.registry.models.get(call.requested)
-        if spec is None:
-            spec = self._aliased(call)
-        mismatch = wrong_type(spec, call.requested, self.path)
-        if mismatch is not None:
-            raise mismatch
-        return spec
-
-    def _aliased(self, call: Call) -> ModelSpec:
-        """An alias: the version that serves it (the answer still names the alias)."""
-        version = self.ctx.aliases.resolve(call.requested, alias_session(call.session_id, call.payload))
-        if version is None:
-            raise ModelNotFound(call.requested, self.ctx.registry.names)
-        self.ctx.metrics.aliased(call.requested, version)
-        return self.ctx.registry.models[version]
-
     async def _forward(self, call: Call, engine: Engine) -> Engine:
         """Send the request to `engine` and relay the answer; the engine that served it."""
         try:
@@ -267,20 +248,11 @@ class InferenceEndpoint:
         return engine
 
     def _spill(self, call: Call, engine: Engine) -> Engine | None:
-        """The CPU twin for a request whose GPU engine found no room to start (its Ray
-        placement timed out, or its GPUs stayed full), when offload may use one."""
-        twin = engine.spec.cpu_offload_model
-        replicas = self.ctx.manager.models.get(twin) if twin else None
-        if (
-            replicas is None
-            or not self.ctx.policy.offload_enabled
-            or replicas.name in self.ctx.registry.disabled
-        ):
-            return None
-        target = replicas.first if replicas.single else replicas.any_replica(None)
-        self._fit(call, call.admission.state, target)
-        self.ctx.metrics.offload(call.model, target.name)
-        return target
+        twin = self.selector.twin(engine)
+        if twin is not None:
+            self._fit(call, call.admission.state, twin)
+            self.ctx.metrics.offload(call.model, twin.name)
+        return twin
 
     async def _prompt_tokens(self, call: Call, engine: Engine, base_url: str) -> int:
         """The prompt's size in tokens, which a llama.cpp stream does not say: the same request

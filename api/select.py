@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import enum
 
-from api.call import Call
+from api.call import Call, alias_session, wrong_type
 from api.context import AppContext
 from config.models import ModelSpec
 from lifecycle.admission import QueueClosed, QueueTimeout, Ticket
@@ -37,6 +37,30 @@ class Selector:
     def __init__(self, ctx: AppContext, ticker: Ticker) -> None:
         self.ctx = ctx
         self.ticker = ticker
+
+    def spec(self, call: Call, path: str) -> ModelSpec:
+        """The model `call` names (an alias: the version that serves it; the answer still names
+        the alias), if it serves `path`."""
+        spec = self.ctx.registry.models.get(call.requested)
+        if spec is None:
+            version = self.ctx.aliases.resolve(call.requested, alias_session(call.session_id, call.payload))
+            if version is None:
+                raise ModelNotFound(call.requested, self.ctx.registry.names)
+            self.ctx.metrics.aliased(call.requested, version)
+            spec = self.ctx.registry.models[version]
+        mismatch = wrong_type(spec, call.requested, path)
+        if mismatch is not None:
+            raise mismatch
+        return spec
+
+    def twin(self, engine: Engine) -> Engine | None:
+        """The CPU twin for a request whose GPU engine found no room to start (its Ray
+        placement timed out, or its GPUs stayed full), when offload may use one."""
+        name = engine.spec.cpu_offload_model
+        replicas = self.ctx.manager.models.get(name) if name else None
+        if replicas is None or not self.ctx.policy.offload_enabled or name in self.ctx.registry.disabled:
+            return None
+        return replicas.first if replicas.single else replicas.any_replica(None)
 
     def queue_timeout(self, spec: ModelSpec) -> float:
         timeout = spec.queue_timeout
