@@ -182,6 +182,30 @@ def test_more_gpus_than_the_cluster_has_take_the_overload_path(daemon_for: Any, 
     assert not _named_actors(cluster), "the pending actors were cancelled"
 
 
+def test_an_actor_left_under_an_engines_name_is_replaced(daemon_for: Any, cluster: FakeCluster) -> None:
+    """Neither re-attached (it appeared after the daemon started) nor in the way: the start
+    kills it and takes the name."""
+    daemon: Daemon = daemon_for(ray_doc(ray_model("stale")), **cluster.env).start(timeout=60)
+    _driver(cluster, (
+        "import ray; ray.init(address='auto', namespace='ui-test', logging_level='ERROR')\n"
+        "@ray.remote\nclass Squatter:\n    def ping(self): return 1\n"
+        "a = Squatter.options(name='engine:stale', lifetime='detached', num_cpus=0).remote()\n"
+        "print(ray.get(a.ping.remote()))"
+    ))  # fmt: skip
+    assert "engine:stale" in _named_actors(cluster)
+    with daemon.client(timeout=60) as c:
+        assert c.post("/v1/completions", json={"model": "stale", "prompt": "x"}).status_code == 200
+        assert row(c, "stale")["state"] == "ready"
+
+
+def _driver(cluster: FakeCluster, code: str) -> str:
+    """Run `code` as a separate Ray driver of the cluster; its output."""
+    done = subprocess.run([sys.executable, "-c", code], env={**os.environ, **cluster.env},
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
 def _named_actors(cluster: FakeCluster) -> list[str]:
     """The host actors in the test namespace, asked of the cluster by a separate driver."""
     code = (
@@ -190,10 +214,7 @@ def _named_actors(cluster: FakeCluster) -> list[str]:
         "print(json.dumps([a['name'] for a in list_named_actors(all_namespaces=True) "
         "if a['namespace'] == 'ui-test']))"
     )
-    done = subprocess.run([sys.executable, "-c", code], env={**os.environ, **cluster.env},
-                          capture_output=True, text=True, timeout=60)  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    return list(json.loads(done.stdout.strip().splitlines()[-1]))
+    return list(json.loads(_driver(cluster, code).strip().splitlines()[-1]))
 
 
 def test_without_ray_token_auth_the_daemon_refuses_to_start(daemon_for: Any, tmp_path: Path) -> None:
