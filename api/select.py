@@ -137,8 +137,11 @@ class Selector:
         """Wait in the model's admission queue for a slot: the engine and the lease taken for
         the request; 429 GPU_OVERLOADED past its queue_timeout, QUEUE_FULL past
         max_queued_requests, 503 when the model is removed meanwhile."""
-        ticket = self._enqueue(call, tenant, weight, cost)
-        queue = self.ctx.manager.models[call.model].queue
+        replicas = self.ctx.manager.models.get(call.model)
+        if replicas is None:  # removed by a reload while it waited for a replica
+            raise ModelNotFound(call.model, self.ctx.registry.names)
+        ticket = self._enqueue(replicas, call, tenant, weight, cost)
+        queue = replicas.queue
         try:
             return await queue.wait(ticket)
         except QueueTimeout as exc:
@@ -146,8 +149,7 @@ class Selector:
         except QueueClosed as exc:
             raise ModelUnavailable(exc.message) from exc
 
-    def _enqueue(self, call: Call, tenant: str, weight: float, cost: float) -> Ticket:
-        replicas = self.ctx.manager.models[call.model]
+    def _enqueue(self, replicas: ReplicaSet, call: Call, tenant: str, weight: float, cost: float) -> Ticket:
         queue, spec = replicas.queue, replicas.spec
         if queue.waiting >= replicas.first.max_waiting:
             raise QueueFull(
