@@ -91,12 +91,19 @@ function fillSelect(select, values, onChange) {
 }
 
 function gpuText(m) {
-  if (m.gpu_memory == null && !m.gpu_ids.length) return "";
+  if (m.gpu_memory == null && !m.gpu_ids.length && m.placement !== "ray") return "";
   const parts = [];
   if (m.gpu_ids.length) parts.push("GPU " + m.gpu_ids.join(","));
   if (m.gpu_memory != null) parts.push(Math.round(m.gpu_memory * 100) + "% share");
   if (m.gpu_memory_bytes != null) parts.push((m.gpu_memory_bytes / 2 ** 30).toFixed(1) + " GiB used");
+  const nodes = [...new Set(m.replicas.map((r) => r.node).filter((n) => n))];
+  if (nodes.length) parts.push("Ray node " + nodes.map((n) => n.slice(0, 8)).join(","));
   return parts.join(" · ");
+}
+
+function queueTitle(m) {
+  const q = m.admission_queue || {};
+  return "waiting for a slot: high " + (q.high || 0) + ", normal " + (q.normal || 0) + ", low " + (q.low || 0);
 }
 
 function drawModels(models) {
@@ -111,9 +118,10 @@ function drawModels(models) {
     const row = el("tr", { "data-model": m.name },
       el("td", {}, m.name),
       el("td", {}, el("span", { class: "badge state-" + m.state, "data-state": m.state }, m.state)),
-      el("td", {}, m.backend), el("td", {}, m.execution_mode || ""),
+      el("td", {}, m.backend),
+      el("td", {}, (m.execution_mode || "") + (m.placement === "ray" ? " · ray" : "")),
       el("td", {}, ready + "/" + m.replicas.length),
-      el("td", {}, m.in_flight), el("td", {}, m.queued), el("td", {}, m.starts),
+      el("td", {}, m.in_flight), el("td", { title: queueTitle(m) }, m.queued), el("td", {}, m.starts),
       el("td", {}, m.failures), el("td", {}, gpuText(m)), actions);
     const out = [row];
     if (m.last_error) out.push(el("tr", {}, el("td", { class: "error", colspan: "11" }, m.last_error)));
