@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from lifecycle.state import EngineError, EngineEvents
@@ -81,8 +82,7 @@ class AdmissionQueue:
         ticket = Ticket(tenant, priority, weight, cost, next(self._seq), now, now + timeout)
         self.cap = cap
         self._fair.push(ticket)
-        for engine in self.engines:
-            engine.on_release = self._released
+        self._hook(self._released)
         ticker.add(self)
         return ticket
 
@@ -133,24 +133,25 @@ class AdmissionQueue:
             self._left(ticket, "timeout", now)
         several = len(self.engines) > 1
         for engine in sorted(self.engines, key=lambda e: e.in_flight):
-            if several and not engine.up:
-                continue  # a stopped replica is started by the scaling decision, not by the queue
-            while self._fair and engine.in_flight < self.cap:
-                self._admit(engine)
+            if not several or engine.up:  # a stopped replica is started by scaling, not the queue
+                self._released(engine)
         if self._fair:
             return True
-        for engine in self.engines:
-            engine.on_release = None
+        self._hook(None)
         return False
 
     def close(self, reason: str) -> None:
         """The model is gone (removed by a reload) or the daemon stops: every waiter is told."""
-        while (ticket := self._fair.pop()) is not None:
+        for ticket in list(self._fair):
+            self._fair.remove(ticket)  # uncharged: nobody was served
             if not ticket.future.done():
                 ticket.future.set_exception(QueueClosed(self.name, reason))
             self._left(ticket, "closed")
+        self._hook(None)
+
+    def _hook(self, on_release: Callable[[Engine], None] | None) -> None:
         for engine in self.engines:
-            engine.on_release = None
+            engine.on_release = on_release
 
     # ------------------------------------------------------------- reporting
 

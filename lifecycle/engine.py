@@ -263,7 +263,7 @@ class Engine:
             wakes=self.wakes,
             placement=self.process.kind,
             host=self.process.host if self.process.port is not None else None,
-            node=getattr(self.process, "node_id", None),
+            node=self.process.node_id,
         )
 
     async def wait_for_state(self, *states: EngineState, timeout: float) -> EngineState:

@@ -68,6 +68,7 @@ class EngineManager:
                 "of %s are passed to the engines but cannot be checked", ", ".join(shared),
             )  # fmt: skip
         self.pid_records = PidRecords(settings.run_dir)
+        self.cluster = RayCluster(registry.cluster)  # joined only when a model is placed on Ray
         self._services = services = EngineServices(
             settings=settings,
             base_env=base_env,
@@ -77,9 +78,8 @@ class EngineManager:
             log_dir=settings.log_dir,
             events=events or NoEvents(),
             budget=self.budget,
-            cluster=RayCluster(registry.cluster),
+            cluster=self.cluster,
         )
-        self.cluster: RayCluster = services.cluster  # type: ignore[assignment]  # set just above
         self.models: dict[str, ReplicaSet] = {
             name: ReplicaSet(spec, backend_for(spec.backend), services, self._override(spec.backend))
             for name, spec in registry.models.items()

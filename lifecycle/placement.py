@@ -55,6 +55,7 @@ class Placement:
         self.exited: asyncio.Task[int] | None = None  # done when the process has exited
         self._pump: asyncio.Task[None] | None = None
         self.host = LOOPBACK  # where it listens
+        self.node_id: str | None = None  # the Ray node it runs on (Ray placement only)
         self.port: int | None = None
         self.api_key: str | None = None  # this launch's key; only the daemon knows it
         self.keep_alive = 0.0  # how long this launch keeps an idle connection open

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ class RayUnavailable(Exception):
     """The cluster cannot be used: not installed, no token, unreachable, versions differ."""
 
 
-def token_configured(env: dict[str, str] | os._Environ[str] = os.environ) -> str | None:
+def token_configured(env: Mapping[str, str] = os.environ) -> str | None:
     """None when Ray token auth is configured in `env`; otherwise what is missing."""
     if env.get("RAY_AUTH_MODE", "").lower() != "token":
         return "RAY_AUTH_MODE=token is not set"

@@ -53,7 +53,6 @@ class RayPlacement(Placement):
         self.cluster = cluster
         self._actor: Any = None
         self._pid: int | None = None
-        self.node_id: str | None = None
         self.cuda_visible_devices: str | None = None
         self._no_room_until = 0.0  # after a placement timeout: no node had room, recently
         self._seen = 0  # output lines read from the actor so far
