@@ -241,6 +241,12 @@ async def test_a_queued_client_that_leaves_is_gone_and_a_long_wait_gets_429(
         fill = [asyncio.create_task(ask(c, "a", "m", 150)) for _ in range(3)]  # 3 s each
         await until(lambda: _full(c, "m"), 10)
         row = await status_row(c, "m")
+
+        async def engine_has_all_three() -> bool:  # the daemon counts a lease before it forwards
+            stats = (await c.get(f"http://127.0.0.1:{row['port']}/fake/stats")).json()
+            return bool(stats["in_flight"] == 3)
+
+        await until(engine_has_all_three, 10)
         engine_requests = (await c.get(f"http://127.0.0.1:{row['port']}/fake/stats")).json()
         leaver = asyncio.create_task(ask(c, "b", "m", 10))
         await queued(c, "m", 1)
@@ -315,3 +321,35 @@ async def test_replicas_at_max_queue_a_twin_still_spills_and_a_removed_model_fre
 async def _all_busy(c: httpx.AsyncClient, model: str) -> bool:
     row = await status_row(c, model)
     return bool(row["in_flight"] == 6 and all(r["state"] == "ready" for r in row["replicas"]))
+
+
+async def test_a_client_waiting_for_a_replica_to_start_that_leaves_is_gone_at_once(
+    daemon_for: Any, tmp_path: Path
+) -> None:
+    """Not the admission queue: every replica is busy and a new one is starting (3 s); a
+    request waiting for it whose client disconnects stops waiting at once, and is logged 499."""
+    slow_start = {**SLOW, "FAKE_START_DELAY": "3"}
+    daemon = start(daemon_for, tmp_path, fake_model("r", env=slow_start, replicas={"min": 1, "max": 2}))
+    async with httpx.AsyncClient(base_url=daemon.url, timeout=60) as c:
+
+        async def first_ready() -> bool:
+            return bool((await status_row(c, "r"))["replicas"][0]["state"] == "ready")
+
+        await until(first_ready, 30)
+        fill = [asyncio.create_task(ask(c, "a", "r", 200)) for _ in range(3)]  # 4 s each, on replica 0
+
+        async def waiting(n: int) -> bool:  # for a replica to free or start (not in its start)
+            row = await status_row(c, "r")
+            for_a_replica = row["queued"] - sum(r["queued"] for r in row["replicas"])
+            return bool(row["in_flight"] == 3 and for_a_replica == n)
+
+        await until(lambda: waiting(0), 10)
+        leaver = asyncio.create_task(ask(c, "b", "r", 10))
+        await until(lambda: waiting(1), 10)  # it started replica 1 and waits for it
+        leaver.cancel()
+        gone = await until(lambda: waiting(0), 5)
+        print(f"a client waiting for a replica that left stopped waiting in {gone * 1000:.0f} ms")
+        assert gone <= 0.2
+        for resp in await asyncio.gather(*fill):
+            assert resp.status_code == 200
+    assert "CLIENT_DISCONNECTED" in daemon.log()
