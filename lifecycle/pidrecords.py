@@ -1,13 +1,25 @@
 """Pid records: how a daemon that was killed hard gets its engines reaped.
 
 Each running engine has a small JSON file in `<STATE_DIR>/run/`, written
-after spawn and removed once its group is gone. A daemon that dies without
-cleaning up (SIGKILL, OOM) leaves its records behind; the next daemon to
-start on the same state directory reads them and kills every group whose
-owning daemon is no longer alive. A record names the owner by pid *and*
-start time, so a recycled pid is never mistaken for a live owner, and the
-engine leader likewise, so an unrelated process that reused its pid is
-never killed.
+after spawn (and again once it is ready, naming the workers it forked), and
+removed once its group is gone. A daemon that dies without cleaning up
+(SIGKILL, OOM) leaves its records behind; the next daemon to start on the
+same state directory reads them and stops the engines whose owning daemon is
+no longer alive.
+
+A pid alone names nothing: pids are reused, STATE_DIR outlives reboots, and
+pids restart low after one. So every process in a record is named by its
+*identity* — boot id, pid, and start time in clock ticks since boot (the
+kernel's own, exact, from /proc/<pid>/stat) — and nothing is signalled unless
+its identity matches exactly:
+
+- the engine leader matches: its whole group is stopped (the group cannot have
+  been taken over: a pid is not handed out again while a group bears its
+  number), with the recorded workers that still match;
+- the leader is gone or is another process now: only the recorded workers that
+  still match are stopped, each by itself; the group is never signalled;
+- a record without an identity (written by an older daemon, or unreadable) is
+  dropped, and nothing is signalled for it.
 """
 
 from __future__ import annotations
@@ -16,55 +28,89 @@ import contextlib
 import json
 import logging
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 
-from lifecycle.process import group_members, terminate_group
+from lifecycle.process import Identity, boot_id, descendants, identity_of, terminate_group
 
 log = logging.getLogger(__name__)
-
-
-def _create_time(pid: int) -> float | None:
-    try:
-        return psutil.Process(pid).create_time()
-    except psutil.Error:
-        return None
 
 
 @dataclass(frozen=True)
 class PidRecord:
     model: str
-    pid: int
-    pgid: int
-    create_time: float
-    daemon_pid: int
-    daemon_create_time: float
+    leader: Identity
+    members: tuple[Identity, ...]  # workers found under the leader once it was ready
+    daemon: Identity  # the daemon that started it
+
+    def to_json(self) -> str:
+        return json.dumps({
+            "model": self.model,
+            "boot_id": self.leader.boot,
+            "pid": self.leader.pid,
+            "start_ticks": self.leader.start,
+            "members": [[m.pid, m.start] for m in self.members],
+            "daemon_pid": self.daemon.pid,
+            "daemon_start_ticks": self.daemon.start,
+        })
+
+    @classmethod
+    def from_json(cls, text: str) -> PidRecord:
+        """Raises ValueError (or KeyError, TypeError) for a record without identities."""
+        doc = json.loads(text)
+        boot = doc["boot_id"]
+        if not isinstance(boot, str) or not boot:
+            raise ValueError("no boot id")
+
+        def ident(pid: object, start: object) -> Identity:
+            if type(pid) is not int or type(start) is not int or pid <= 0 or start <= 0:
+                raise ValueError(f"not an identity: pid {pid!r}, start {start!r}")
+            return Identity(boot, pid, start)
+
+        return cls(
+            model=str(doc["model"]),
+            leader=ident(doc["pid"], doc["start_ticks"]),
+            members=tuple(ident(p, s) for p, s in doc["members"]),
+            daemon=ident(doc["daemon_pid"], doc["daemon_start_ticks"]),
+        )
+
+
+def _still(ident: Identity) -> psutil.Process | None:
+    """The live process `ident` names, or None when it has exited or its pid is another's."""
+    if identity_of(ident.pid) != ident:
+        return None
+    try:
+        proc = psutil.Process(ident.pid)  # psutil refuses to signal it if the pid changes hands
+    except psutil.Error:
+        return None
+    return proc if identity_of(ident.pid) == ident else None
 
 
 class PidRecords:
     def __init__(self, run_dir: Path) -> None:
         self.run_dir = run_dir
-        self._daemon_pid = os.getpid()
-        self._daemon_create_time = _create_time(self._daemon_pid) or 0.0
+        me = identity_of(os.getpid())
+        assert me is not None, "the daemon cannot read its own /proc entry"
+        self._daemon = me
 
     def _path(self, model: str, pid: int) -> Path:
         return self.run_dir / f"{model}.{pid}.json"
 
-    def write(self, model: str, pid: int) -> Path:
+    def write(self, model: str, pid: int, members: list[psutil.Process] | None = None) -> Path | None:
+        """Record engine `pid` (and its workers `members`); None, and nothing written, when its
+        identity cannot be read (it has already exited: there is nothing to reap later)."""
+        leader = identity_of(pid)
+        if leader is None:
+            log.warning("engine '%s' (pid %d): no start time readable; no pid record written", model, pid)
+            return None
+        found = (identity_of(p.pid) for p in members or ())
+        record = PidRecord(model, leader, tuple(m for m in found if m is not None), self._daemon)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        record = PidRecord(
-            model=model,
-            pid=pid,
-            pgid=pid,  # the engine leads its own session, so its group id is its pid
-            create_time=_create_time(pid) or 0.0,
-            daemon_pid=self._daemon_pid,
-            daemon_create_time=self._daemon_create_time,
-        )
         path = self._path(model, pid)
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(record)), encoding="utf-8")
+        tmp.write_text(record.to_json(), encoding="utf-8")
         os.replace(tmp, path)
         return path
 
@@ -73,34 +119,64 @@ class PidRecords:
             self._path(model, pid).unlink()
 
     def _orphans(self) -> list[tuple[Path, PidRecord | None]]:
+        """Every record whose daemon is gone (None: one to drop without acting on it)."""
         found: list[tuple[Path, PidRecord | None]] = []
+        boot = boot_id()
         for path in sorted(self.run_dir.glob("*.json")):
             try:
-                record = PidRecord(**json.loads(path.read_text(encoding="utf-8")))
-            except (OSError, ValueError, TypeError):
-                found.append((path, None))  # unreadable: drop it
+                record = PidRecord.from_json(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                log.warning("pid record %s has no usable identity (%s): dropped", path.name, exc)
+                found.append((path, None))
                 continue
-            owner_time = _create_time(record.daemon_pid)
-            if owner_time is not None and abs(owner_time - record.daemon_create_time) < 1.0:
+            if record.leader.boot != boot:
+                found.append((path, None))  # from before a reboot: its processes are long gone
+                continue
+            if _still(record.daemon) is not None:
                 continue  # another live daemon shares this state directory
             found.append((path, record))
         return found
 
     async def reap_orphans(self, grace: float) -> list[PidRecord]:
-        """Kill engines left by dead daemons; return the records acted on."""
+        """Stop the engines left by dead daemons; return the records acted on."""
         if not self.run_dir.is_dir():
             return []
         reaped = []
         for path, record in self._orphans():
-            if record is not None and group_members(record.pgid, not_before=record.create_time):
-                log.warning(
-                    "reaping engine '%s' (pid %d) left by a daemon that died (pid %d)",
-                    record.model,
-                    record.pid,
-                    record.daemon_pid,
-                )
-                await terminate_group(record.pgid, grace, not_before=record.create_time)
+            if record is not None and await self._reap(record, grace):
                 reaped.append(record)
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
         return reaped
+
+    async def _reap(self, record: PidRecord, grace: float) -> bool:
+        leader = _still(record.leader)
+        members = [p for p in map(_still, record.members) if p is not None]
+        if leader is None and not members:
+            return False
+        log.warning(
+            "reaping engine '%s' (pid %d%s) left by a daemon that died (pid %d)",
+            record.model, record.leader.pid, "" if leader else ", its workers only",
+            record.daemon.pid,
+        )  # fmt: skip
+        if leader is not None and _group_of(leader) == leader.pid:
+            known = {m.pid for m in members}
+            extra = members + [p for p in descendants(leader.pid) if p.pid not in known]
+            await terminate_group(leader.pid, grace, extra=extra, not_before=_created(leader))
+        else:
+            await terminate_group(None, grace, extra=members + ([leader] if leader else []))
+        return True
+
+
+def _created(proc: psutil.Process) -> float | None:
+    try:
+        return proc.create_time()
+    except psutil.Error:
+        return None
+
+
+def _group_of(proc: psutil.Process) -> int | None:
+    try:
+        return os.getpgid(proc.pid)
+    except OSError:
+        return None

@@ -204,6 +204,16 @@ class LocalPlacement(Placement):
         self.exited = None
         self.port = None
 
+    async def await_ready(
+        self, path: str, deadline: float, timeout: float, abort: asyncio.Event, fail: Fail,
+        exit_reason: Callable[[int], Awaitable[str]],
+    ) -> None:  # fmt: skip
+        await super().await_ready(path, deadline, timeout, abort, fail, exit_reason)
+        # Ready: its workers are forked by now. Recorded too, so that a daemon reaping after a
+        # crash can stop the ones that outlive their leader (vLLM's EngineCore, say).
+        if self._proc is not None:
+            self._services.pid_records.write(self.key, self._proc.pid, descendants(self._proc.pid))
+
     def kill_now(self) -> None:
         """Synchronous last resort (interpreter exit, a cancelled start)."""
         if self._proc is not None and self._proc.returncode is None:

@@ -17,6 +17,8 @@ import subprocess
 import time
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 import psutil
@@ -166,6 +168,34 @@ async def pump_output(output: asyncio.StreamReader, log: LogTail) -> None:
         log.write(raw.decode("utf-8", errors="replace").rstrip("\r\n"))
 
 
+@dataclass(frozen=True)
+class Identity:
+    """One process, unmistakably: pids are reused, a pid's start time within one boot is not."""
+
+    boot: str  # /proc/sys/kernel/random/boot_id
+    pid: int
+    start: int  # start time, in clock ticks since boot (/proc/<pid>/stat, field 22)
+
+
+@cache
+def boot_id() -> str:
+    return Path("/proc/sys/kernel/random/boot_id").read_text(encoding="ascii").strip()
+
+
+def identity_of(pid: int) -> Identity | None:
+    """The identity of live (or not yet reaped) process `pid`; None when there is none."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return None
+    # The command name (field 2) is in parentheses and may itself hold spaces and ")".
+    fields = stat[stat.rfind(b")") + 2 :].split()
+    try:
+        return Identity(boot_id(), pid, int(fields[19]))  # field 22: fields[0] is field 3
+    except (IndexError, ValueError):
+        return None
+
+
 def _pgid_of(proc: psutil.Process) -> int | None:
     try:
         return os.getpgid(proc.pid)
@@ -199,16 +229,19 @@ def descendants(pid: int) -> list[psutil.Process]:
         return []
 
 
-def _signal_all(pgid: int, extra: Iterable[psutil.Process], sig: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, sig)
+def _signal_all(pgid: int | None, extra: Iterable[psutil.Process], sig: signal.Signals) -> None:
+    if pgid is not None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, sig)
     for proc in extra:
         with contextlib.suppress(psutil.Error):
             proc.send_signal(sig)
 
 
-def _survivors(pgid: int, extra: Iterable[psutil.Process], not_before: float | None) -> list[psutil.Process]:
-    seen = {p.pid: p for p in group_members(pgid, not_before)}
+def _survivors(
+    pgid: int | None, extra: Iterable[psutil.Process], not_before: float | None
+) -> list[psutil.Process]:
+    seen = {p.pid: p for p in group_members(pgid, not_before)} if pgid is not None else {}
     for proc in extra:
         if proc.pid not in seen and _alive(proc):
             seen[proc.pid] = proc
@@ -216,13 +249,14 @@ def _survivors(pgid: int, extra: Iterable[psutil.Process], not_before: float | N
 
 
 async def terminate_group(
-    pgid: int,
+    pgid: int | None,
     grace: float,
     *,
     extra: Sequence[psutil.Process] = (),
     not_before: float | None = None,
 ) -> bool:
     """Stop every process of group `pgid` and `extra`. True if SIGKILL was needed.
+    (`pgid` None: only `extra`, each by itself.)
 
     1. SIGTERM the group and the extra processes (descendants found earlier
        that may have left the group).
@@ -238,7 +272,7 @@ async def terminate_group(
 
 
 async def _wait_gone(
-    pgid: int, extra: Sequence[psutil.Process], not_before: float | None, timeout: float
+    pgid: int | None, extra: Sequence[psutil.Process], not_before: float | None, timeout: float
 ) -> bool:
     deadline = time.monotonic() + timeout
     while _survivors(pgid, extra, not_before):
