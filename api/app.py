@@ -103,4 +103,5 @@ def create_app(ctx: AppContext) -> Dispatcher:
     endpoints = {path: InferenceEndpoint(ctx, upstream, ticker, path) for path in INFERENCE_PATHS}
     for path, endpoint in endpoints.items():
         app.router.routes.append(Route(path, endpoint, methods=["POST"]))
-    return Dispatcher(app, endpoints, ctx.auth, ctx.settings.forwarded_allow_ips)
+    settings = ctx.settings
+    return Dispatcher(app, endpoints, ctx.auth, settings.forwarded_allow_ips, settings.max_request_body_bytes)

@@ -8,6 +8,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import orjson
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.types import DecoratedCallable
@@ -162,8 +163,8 @@ async def validate_request(request: Request) -> dict[str, Any]:
     headers: dict[bytes, bytes] = dict(request.scope["headers"])
     key = ctx.auth.client(headers)
     try:
-        body = await request.json()
-    except ValueError as exc:
+        body = orjson.loads(await request.body())
+    except orjson.JSONDecodeError as exc:
         raise InvalidRequest(
             'The body must be JSON: {"path": "/v1/chat/completions", "body": {...}}'
         ) from exc
@@ -183,8 +184,8 @@ async def set_alias_split(request: Request, name: str) -> dict[str, Any]:
     reload of models.yaml, whose answer names the aliases it reset."""
     ctx = _ctx(request)
     try:
-        body = await request.json()
-    except ValueError as exc:
+        body = orjson.loads(await request.body())
+    except orjson.JSONDecodeError as exc:
         raise InvalidRequest('The body must be JSON: {"split": {"<model>": <weight>, ...}}') from exc
     split = body.get("split") if isinstance(body, dict) else None
     try:

@@ -19,7 +19,7 @@ from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 from api.auth import Authenticator
 from api.errors import send_error
 from api.request_log import REQUEST_ID, access_log, request_id_from
-from router.errors import RouterError
+from router.errors import PayloadTooLarge, RouterError
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -30,6 +30,11 @@ ASGIApp = Callable[
 
 OPEN_PATHS = frozenset({"/health"})
 ADMIN_PREFIX = "/v1/admin/"
+# What a control-plane route may be sent: a split, a small JSON document. The validate route
+# carries a whole inference body, so it takes what the inference routes take, plus its envelope.
+CONTROL_BODY_BYTES = 1 << 20
+VALIDATE_PATH = "/v1/models/validate"
+VALIDATE_ENVELOPE = 64 * 1024
 
 
 class Dispatcher:
@@ -39,10 +44,12 @@ class Dispatcher:
         fast_paths: Mapping[str, ASGIApp],
         auth: Authenticator,
         trusted_proxies: str,
+        max_request_body: int,
     ) -> None:
         self.app = app
         self.fast_paths = dict(fast_paths)
         self.auth = auth
+        self._validate_limit = max_request_body + VALIDATE_ENVELOPE
         # The client address matters only to the control plane (admin: loopback
         # only without ADMIN_API_KEY), so only it reads a trusted proxy's headers.
         proxied = ProxyHeadersMiddleware(cast(Any, self._control_plane), trusted_hosts=trusted_proxies)
@@ -85,10 +92,12 @@ class Dispatcher:
 
         try:
             self._authorize(scope, headers)
+            limit = self._validate_limit if scope["path"] == VALIDATE_PATH else CONTROL_BODY_BYTES
+            bounded = _bounded(receive, headers.get(b"content-length"), limit, scope["path"])
         except RouterError as exc:
             await send_error(send_with_id, exc)
         else:
-            await self.app(scope, receive, send_with_id)
+            await self.app(scope, bounded, send_with_id)
         finally:
             if access_log.isEnabledFor(logging.INFO):
                 ms = (time.perf_counter() - t0) * 1000
@@ -103,3 +112,29 @@ class Dispatcher:
             self.auth.admin(headers, scope.get("client"))
         else:
             self.auth.client(headers)
+
+
+def _bounded(
+    receive: Callable[[], Awaitable[Message]], content_length: bytes | None, limit: int, path: str
+) -> Callable[[], Awaitable[Message]]:
+    """`receive`, refusing a body over `limit` bytes: at once when its Content-Length says so,
+    else as the bytes come (a route reading it gets PayloadTooLarge, answered 413 in our shape).
+    No control-plane route is ever handed more than `limit` bytes to hold."""
+
+    def too_large() -> PayloadTooLarge:
+        return PayloadTooLarge(f"Request body is over the {limit}-byte limit of {path}")
+
+    if content_length is not None and content_length.isdigit() and int(content_length) > limit:
+        raise too_large()
+    size = 0
+
+    async def bounded() -> Message:
+        nonlocal size
+        message = await receive()
+        if message["type"] == "http.request":
+            size += len(message.get("body", b""))
+            if size > limit:
+                raise too_large()
+        return message
+
+    return bounded
