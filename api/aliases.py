@@ -8,7 +8,7 @@ robin of each split, and splits an operator changed with `POST /v1/admin/aliases
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any, Protocol
 
 from config.models import Alias, Registry
@@ -20,11 +20,29 @@ class HasRegistry(Protocol):
     registry: Registry
 
 
+class NoVersionAllowed(Exception):
+    """A key limited to some models asked for an alias none of whose versions it may use."""
+
+    def __init__(self, alias: str, versions: list[str]) -> None:
+        super().__init__(alias)
+        self.alias = alias
+        self.versions = versions
+
+
+def allowed_weights(weights: Weights, allowed: Collection[str] | None) -> Weights:
+    """The split as a key limited to `allowed` models sees it: only its versions (None: all)."""
+    if allowed is None:
+        return weights
+    return tuple((v, w) for v, w in weights if v in allowed)
+
+
 class AliasTable:
     def __init__(self, manager: HasRegistry) -> None:
         self._manager = manager
         self._overrides: dict[str, tuple[tuple[str, int], ...]] = {}
-        self._turns: dict[str, RoundRobin] = {}
+        # One round robin per split as seen: the alias's whole split, or the part of it that a
+        # key limited to some of its versions may use (at most one per such key).
+        self._turns: dict[tuple[str, tuple[tuple[str, int], ...]], RoundRobin] = {}
 
     def _alias(self, name: str) -> Alias | None:
         return self._manager.registry.aliases.get(name)
@@ -32,31 +50,43 @@ class AliasTable:
     def weights(self, alias: Alias) -> Weights:
         return self._overrides.get(alias.name, alias.weights)
 
-    def resolve(self, name: str, session: str | None) -> str | None:
-        """The version for a request naming `name`, or None when it is not an alias."""
+    def _usable(self, alias: Alias, allowed: Collection[str] | None) -> tuple[tuple[str, int], ...]:
+        """The versions a request may be sent to: all of them, or (a key limited to some models
+        that does not list the alias itself) those the key may use; NoVersionAllowed if none."""
+        weights = tuple(self.weights(alias))
+        if allowed is None or alias.name in allowed:
+            return weights
+        usable = tuple(allowed_weights(weights, allowed))
+        if not usable:
+            raise NoVersionAllowed(alias.name, [v for v, _ in weights])
+        return usable
+
+    def resolve(self, name: str, session: str | None, allowed: Collection[str] | None = None) -> str | None:
+        """The version for a request naming `name`, or None when it is not an alias. `allowed`:
+        the models the caller's key may use (None: any)."""
         alias = self._alias(name)
         if alias is None:
             return None
-        weights = self.weights(alias)
+        weights = self._usable(alias, allowed)
         if len(weights) == 1:
             return weights[0][0]
         if alias.sticky and session:
             return for_session(weights, session)
-        turn = self._turns.get(name)
-        if turn is None or turn.weights != list(weights):
-            turn = self._turns[name] = RoundRobin(weights)
+        turn = self._turns.get((name, weights))
+        if turn is None:
+            turn = self._turns[(name, weights)] = RoundRobin(weights)
         return turn.next()
 
-    def peek(self, name: str, session: str | None) -> str | None:
+    def peek(self, name: str, session: str | None, allowed: Collection[str] | None = None) -> str | None:
         """What `resolve` would answer now, without moving a split's round robin."""
         alias = self._alias(name)
         if alias is None:
             return None
-        weights = self.weights(alias)
+        weights = self._usable(alias, allowed)
         if len(weights) == 1 or (alias.sticky and session):
-            return self.resolve(name, session)
-        turn = self._turns.get(name)
-        if turn is None or turn.weights != list(weights):
+            return self.resolve(name, session, allowed)
+        turn = self._turns.get((name, weights))
+        if turn is None:
             return RoundRobin(weights).next()
         return copy.deepcopy(turn).next()
 
@@ -79,6 +109,8 @@ class AliasTable:
                     f"the weight of '{version}' must be a whole number above 0, not {weight!r}"
                 )
         self._overrides[name] = tuple(split.items())
+        for turn in [t for t in self._turns if t[0] == name]:
+            del self._turns[turn]  # the old split's turns: never asked for again
         return self.describe(alias)
 
     def reloaded(self) -> list[str]:

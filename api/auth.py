@@ -120,6 +120,13 @@ class Admission:
 OPEN = Admission(None)
 
 
+def may_use(policy: KeyPolicy, model: str, requested: str | None = None) -> bool:
+    """Whether a key may have `model` serve a request that asked for `requested`: the model is
+    on its list, or the alias asked for is (None: every model)."""
+    allowed = policy.models
+    return allowed is None or model in allowed or (requested is not None and requested in allowed)
+
+
 def presented_key(headers: Mapping[bytes, bytes]) -> bytes | None:
     """`Authorization: Bearer <key>` or `x-api-key`. `headers`: dict(scope["headers"])."""
     authorization = headers.get(b"authorization")
@@ -193,13 +200,14 @@ class Authenticator:
             raise Unauthorized("The API key is not valid")
         return state
 
-    def admit(self, state: KeyState, model: str) -> Admission:
+    def admit(self, state: KeyState, model: str, requested: str | None = None) -> Admission:
         """Check the key's model list, concurrency and rates; count the request in flight.
-        (What a request may ask for is `state.limits`, or `global_limits` without a key:
-        api/compute.py enforces it.)"""
+        `model` serves the request; `requested` is the name asked for, when an alias: a key
+        allowed the alias may use its versions. (What a request may ask for is `state.limits`,
+        or `global_limits` without a key: api/compute.py enforces it.)"""
         policy = state.policy
-        if policy.models is not None and model not in policy.models:
-            raise Forbidden(f"Key '{policy.name}' may not use model '{model}'")
+        if not may_use(policy, model, requested):
+            raise Forbidden(f"Key '{policy.name}' may not use model '{requested or model}'")
         if policy.max_concurrent is not None and state.in_flight >= policy.max_concurrent:
             raise RateLimited(
                 f"Key '{policy.name}' already has {state.in_flight} requests in flight "

@@ -114,10 +114,10 @@ class InferenceEndpoint:
         while it waits (`call.pending` says for what)."""
         auth = self.ctx.auth
         call.payload, call.requested = parse_payload(call.body)
-        spec = self.selector.spec(call, self.path)
+        spec = self.selector.spec(call, self.path, key.policy if key is not None else None)
         call.model, call.backend = spec.name, spec.backend
         if key is not None:
-            call.admission = auth.admit(key, spec.name)
+            call.admission = auth.admit(key, spec.name, call.requested)
             call.metered = call.admission.counts_tokens
         try:
             engine = self.selector.select(spec, call)

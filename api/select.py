@@ -14,15 +14,17 @@ from __future__ import annotations
 
 import enum
 
+from api.aliases import AliasTable, NoVersionAllowed
 from api.call import Call, alias_session, wrong_type
 from api.context import AppContext
+from config.keys import KeyPolicy
 from config.models import ModelSpec
 from lifecycle.admission import QueueClosed, QueueTimeout, Ticket
 from lifecycle.engine import Engine, Lease
 from lifecycle.replicas import ReplicaSet
 from lifecycle.state import EngineState
 from router.balance import affinity_key
-from router.errors import GpuOverloaded, ModelNotFound, ModelUnavailable, QueueFull
+from router.errors import Forbidden, GpuOverloaded, ModelNotFound, ModelUnavailable, QueueFull
 from router.policy import Route, choose_route, overflow
 from router.scaling import Decision, Overflow, Serve, Start, Wait
 from router.ticker import Ticker
@@ -33,17 +35,36 @@ class Pending(enum.Enum):
     QUEUE = "queue"  # the model is saturated: `enqueue()`, then wait for a slot
 
 
+def resolve_alias(aliases: AliasTable, name: str, session: str | None, key: KeyPolicy | None,
+                  peek: bool = False) -> str | None:  # fmt: skip
+    """The version of alias `name` for a request (None: not an alias). A key allowed the alias
+    may use every version; a key allowed only some versions is served by those; a key allowed
+    none of them gets 403."""
+    allowed = key.models if key is not None else None
+    try:
+        if peek:
+            return aliases.peek(name, session, allowed)
+        return aliases.resolve(name, session, allowed)
+    except NoVersionAllowed as exc:
+        assert key is not None and key.models is not None
+        raise Forbidden(
+            f"Key '{key.name}' may not use model '{name}' nor any of its versions "
+            f"({', '.join(exc.versions)}); it may use: {', '.join(key.models) or 'nothing'}"
+        ) from exc
+
+
 class Selector:
     def __init__(self, ctx: AppContext, ticker: Ticker) -> None:
         self.ctx = ctx
         self.ticker = ticker
 
-    def spec(self, call: Call, path: str) -> ModelSpec:
-        """The model `call` names (an alias: the version that serves it; the answer still names
-        the alias), if it serves `path`."""
+    def spec(self, call: Call, path: str, key: KeyPolicy | None) -> ModelSpec:
+        """The model `call` names (an alias: the version that serves it, among those `key` may
+        use; the answer still names the alias), if it serves `path`."""
         spec = self.ctx.registry.models.get(call.requested)
         if spec is None:
-            version = self.ctx.aliases.resolve(call.requested, alias_session(call.session_id, call.payload))
+            session = alias_session(call.session_id, call.payload)
+            version = resolve_alias(self.ctx.aliases, call.requested, session, key)
             if version is None:
                 raise ModelNotFound(call.requested, self.ctx.registry.names)
             self.ctx.metrics.aliased(call.requested, version)

@@ -14,12 +14,14 @@ from typing import Any
 
 import orjson
 
-from api.auth import KeyState
+from api.auth import KeyState, may_use
 from api.body import parse_payload
 from api.call import Call, alias_session, fit, wrong_type
 from api.compute import OUTPUT_LIMITS
 from api.context import AppContext
+from api.select import resolve_alias
 from backends.capabilities import ROUTES, SERVED_TYPES
+from config.keys import KeyPolicy
 from config.models import ModelSpec
 from router.errors import (
     Forbidden,
@@ -43,7 +45,11 @@ def validate(ctx: AppContext, key: KeyState | None, request: Any, session: str |
     except RouterError as exc:
         return _done(answer, [exc])
     answer["model"] = requested
-    spec = _resolve(ctx, requested, payload, session)
+    policy = key.policy if key is not None else None
+    try:
+        spec = _resolve(ctx, requested, payload, session, policy)
+    except Forbidden as exc:
+        return _done(answer, [exc])
     if spec is None:
         return _done(answer, [ModelNotFound(requested, ctx.registry.names)])
     answer["resolved"] = spec.name
@@ -54,8 +60,8 @@ def validate(ctx: AppContext, key: KeyState | None, request: Any, session: str |
         problems.append(
             FormatNotSupported(f"Model '{spec.name}' cannot run: {ctx.registry.disabled[spec.name]}")
         )
-    if key is not None and key.policy.models is not None and spec.name not in key.policy.models:
-        problems.append(Forbidden(f"Key '{key.policy.name}' may not use model '{spec.name}'"))
+    if policy is not None and not may_use(policy, spec.name, requested):
+        problems.append(Forbidden(f"Key '{policy.name}' may not use model '{requested}'"))
     call = Call(_no_send, "validate", 0.0)
     call.payload, call.requested = copy.deepcopy(payload), requested
     engine = ctx.manager.models[spec.name].first
@@ -70,12 +76,12 @@ def validate(ctx: AppContext, key: KeyState | None, request: Any, session: str |
 
 
 def _resolve(
-    ctx: AppContext, requested: str, payload: dict[str, Any], session: str | None
+    ctx: AppContext, requested: str, payload: dict[str, Any], session: str | None, key: KeyPolicy | None
 ) -> ModelSpec | None:
     spec = ctx.registry.models.get(requested)
     if spec is not None:
         return spec
-    version = ctx.aliases.peek(requested, alias_session(session, payload))
+    version = resolve_alias(ctx.aliases, requested, alias_session(session, payload), key, peek=True)
     return ctx.registry.models.get(version) if version is not None else None
 
 

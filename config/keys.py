@@ -4,7 +4,7 @@
       - key: sk-team-a-3f9c...      # the secret itself, or:
         # key_sha256: 9b1d...       # its SHA-256 (hex), so the file holds no secret
         name: team-a                # shown in errors and metrics, never the key
-        models: [gemma-3-270m]      # allowed models (default: all)
+        models: [gemma-3-270m]      # allowed models and aliases (default: all)
         requests_per_minute: 60     # token bucket (default: unlimited)
         tokens_per_minute: 20000    # engine-reported tokens (default: unlimited)
         max_concurrent: 4           # requests in flight at once

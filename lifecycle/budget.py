@@ -52,6 +52,7 @@ class Placeable(Protocol):
 
     spec: ModelSpec
     placed: tuple[int, ...] | None
+    bound: tuple[int, ...] | None  # the GPUs its (sleeping) process is bound to
     last_used: float | None
     key: str  # the model's name, or "<model>#<replica>" for replicas past the first
 
@@ -98,8 +99,11 @@ class GpuBudget:
 
     def decide(self, engine: Placeable) -> Place | Evict | Wait:
         spec = engine.spec
-        count = spec.gpus_per_replica if spec.pooled else 0
-        ask = Ask(engine.key, spec.share, spec.gpu_ids, count, spec.name)
+        if engine.bound:  # a wake: where its process is, whatever the model's entry allows
+            ask = Ask(engine.key, spec.share, engine.bound, 0, spec.name)
+        else:
+            count = spec.gpus_per_replica if spec.pooled else 0
+            ask = Ask(engine.key, spec.share, spec.gpu_ids, count, spec.name)
         return plan(ask, self.holders(), self.gpus, self.max_loaded)
 
     def has_room(self, engine: Placeable) -> bool:
@@ -142,7 +146,7 @@ class GpuBudget:
             if not woke:
                 if abort.is_set():
                     raise EngineStartError(engine.name, f"model '{engine.name}': start aborted", [])
-                raise EngineNoRoom(engine.name, self._no_room(engine.spec, decision), decision.holders)
+                raise EngineNoRoom(engine.name, self._no_room(engine, decision), decision.holders)
 
     async def _evict(self, decision: Evict, deadline: float) -> None:
         engines = {e.key: e for e in self._engines()}
@@ -175,8 +179,9 @@ class GpuBudget:
                     await w
         return changed.is_set() and not abort.is_set()
 
-    def _no_room(self, spec: ModelSpec, decision: Wait) -> str:
-        where = f"GPU {', '.join(str(g) for g in spec.gpu_ids)}" if spec.gpu_ids else "any GPU"
+    def _no_room(self, engine: Placeable, decision: Wait) -> str:
+        spec, gpus = engine.spec, engine.bound or engine.spec.gpu_ids
+        where = f"GPU {', '.join(str(g) for g in gpus)}" if gpus else "any GPU"
         held = ", ".join(f"'{n}'" for n in decision.holders) or "nothing"
         limit = f" (MAX_LOADED_MODELS={self.max_loaded})" if self.max_loaded else ""
         return (

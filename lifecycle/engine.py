@@ -25,7 +25,8 @@ Invariants (the reasons are peers' bugs, see ANCHORS.md):
   is applied when the engine is stopped, or as soon as it is idle.
 - A GPU engine is placed (lifecycle/budget.py) inside its start or wake
   transition, before it takes any memory; `placed` holds its reservation
-  until its process group is gone or it sleeps. Waiting for room happens in
+  until its process group is gone or it sleeps. A process is bound to the
+  GPUs it was launched on (`bound`), so a wake is placed on those alone. Waiting for room happens in
   the state it had (STOPPED, FAILED, SLEEPING), so a failed placement
   changes nothing but the answer (429 GPU_OVERLOADED).
 - Sleep and eviction only ever take an idle engine (`evictable`): a lease
@@ -133,6 +134,9 @@ class Engine:
         self.last_error: str | None = None
         self.retry_at: float | None = None
         self.placed: tuple[int, ...] | None = None  # GPUs it holds memory on (lifecycle/budget.py)
+        # GPUs its process is bound to (CUDA_VISIBLE_DEVICES at launch), from launch until the
+        # process is gone: asleep it holds no memory, yet it can wake only there.
+        self.bound: tuple[int, ...] | None = None
         self.sleeps = 0
         self.wakes = 0
         self.ready_once = False  # has been ready since the daemon started (/health?ready=1)
@@ -256,7 +260,7 @@ class Engine:
             failures=self.failures,
             last_error=self.last_error,
             retry_at=self.retry_at,
-            gpu_ids=self.placed if self.placed is not None else self.spec.gpu_ids,
+            gpu_ids=next(g for g in (self.placed, self.bound, self.spec.gpu_ids) if g is not None),
             gpu_memory=self.spec.share if self.spec.gpu_managed else None,
             pinned=self.spec.pinned,
             sleeps=self.sleeps,
@@ -639,6 +643,7 @@ class Engine:
 
     async def _launch(self) -> None:
         gpus = self.placed or ()
+        self.bound = gpus if self.placed is not None else None
         await self.process.launch(self.spec, self.backend, self._override, gpus, self._start_error)
         # Read on every request: plain attributes, copied from this launch.
         self.api_key, self.keep_alive = self.process.api_key, self.process.keep_alive
@@ -703,7 +708,8 @@ class Engine:
         assert routes is not None
         self._disarm_idle()
         self._set(EngineState.WAKING)
-        if not await self._call(routes.wake, self._services.settings.startup_timeout, routes.body, "wake"):
+        timeout = self._services.settings.startup_timeout
+        if not await self._call(routes.wake, timeout, routes.body, "wake", abort=self._abort):
             return
         self.wakes += 1
         self._set(EngineState.READY)
@@ -712,10 +718,18 @@ class Engine:
         if self.in_flight == 0:
             self._arm_idle()
 
-    async def _call(self, path: str, timeout: float, body: object, what: str) -> bool:
+    async def _call(
+        self, path: str, timeout: float, body: object, what: str, abort: asyncio.Event | None = None
+    ) -> bool:
         """POST the engine's sleep or wake route; on failure stop the engine (its memory must
-        be freed, and a request then starts it afresh) and say False."""
-        status, text = await self._services.prober.post(self.base_url + path, timeout, self.api_key, body)
+        be freed, and a request then starts it afresh) and say False. A stop that sets `abort`
+        meanwhile (an operator's, the daemon's, a reload's) does not wait for the call: the
+        engine is stopped at once and its waiters get EngineStartError, as for a start."""
+        post = self._services.prober.post(self.base_url + path, timeout, self.api_key, body)
+        if abort is None:
+            status, text = await post
+        else:
+            status, text = await self._unless(abort, post, what)
         if 200 <= status < 300:
             return True
         log.warning("engine '%s' did not %s (%s %s): stopping it", self.name, what, status, text)
@@ -723,8 +737,26 @@ class Engine:
         await self._run_stop(EngineState.STOPPED, None)  # within this transition's task
         return False
 
+    async def _unless(
+        self, abort: asyncio.Event, call: Coroutine[Any, Any, tuple[int, str]], what: str
+    ) -> tuple[int, str]:
+        """`call`'s answer; or, if `abort` is set first, the call cancelled and the engine stopped."""
+        answer = asyncio.ensure_future(call)
+        aborted = asyncio.ensure_future(abort.wait())
+        try:
+            await asyncio.wait({answer, aborted}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            aborted.cancel()
+        if answer.done():
+            return answer.result()
+        answer.cancel()
+        self.log.write(f"=== {what} aborted by a stop request: stopping")
+        await self._run_stop(EngineState.STOPPED, None)  # within this transition's task
+        raise EngineStartError(self.name, f"model '{self.name}': {what} aborted by a stop request", [])
+
     async def _terminate(self) -> None:
         """Stop the process group and forget it; its GPU memory is free again."""
         await self.process.terminate()
+        self.bound = None
         if self._services.budget is not None:
             self._services.budget.release(self)  # the process group is gone: so is its memory

@@ -108,3 +108,70 @@ def test_aliases_are_listed_checked_and_reset_by_a_reload(daemon_for: Any) -> No
         assert "chat" in missing["available_models"]
         metrics = c.get("/metrics").text
     assert 'unified_inference_alias_requests_total{alias="chat",model="qwen-v2"}' in metrics
+
+
+V1_ONLY, ALIAS_ONLY, NEITHER, ANY = (
+    "sk-v1-only-0123456789", "sk-chat-only-0123456789", "sk-neither-0123456789", "sk-any-0123456789",
+)  # fmt: skip
+KEYS = {
+    "keys": [
+        {"key": V1_ONLY, "name": "v1-only", "models": ["qwen-v1"]},
+        {"key": ALIAS_ONLY, "name": "chat-only", "models": ["chat"]},
+        {"key": NEITHER, "name": "neither", "models": ["bge"]},
+        {"key": ANY, "name": "any"},
+    ]
+}
+
+
+def test_keys_limited_to_models_meet_aliases_without_random_refusals(daemon_for: Any, tmp_path: Any) -> None:
+    """Issue 25, defect 4: a key with `models: [qwen-v1]` asking for `chat` (90/10) got 2 of 20
+    refused; with `models: [chat]`, all 20. A key allowed the alias may use its versions; a key
+    allowed only some versions is served by those; a key allowed none gets 403 naming them."""
+    keys = tmp_path / "keys.yaml"
+    keys.write_text(yaml.safe_dump(KEYS))
+    daemon: Daemon = daemon_for(DOC, OFFLOAD_QUEUE_THRESHOLD="100", API_KEYS_FILE=str(keys)).start()
+
+    def asks(key: str, n: int = 20, session: str | None = None) -> list[httpx.Response]:
+        headers = {"Authorization": f"Bearer {key}", **({"X-Session-ID": session} if session else {})}
+        body = {"model": "chat", "prompt": "hi", "max_tokens": 1}
+        with daemon.client() as c:
+            return [c.post("/v1/completions", json=body, headers=headers) for _ in range(n)]
+
+    v1_only = asks(V1_ONLY)
+    assert [r.status_code for r in v1_only] == [200] * 20
+    assert {served(r) for r in v1_only} == {"qwen-v1"}
+    # Sessions too: a session whose bucket belongs to v2 is served by v1 for this key.
+    split = [("qwen-v1", 90), ("qwen-v2", 10)]
+    v2_session = next(s for s in (f"s{i}" for i in range(100)) if for_session(split, s) == "qwen-v2")
+    assert {served(r) for r in asks(V1_ONLY, 3, v2_session)} == {"qwen-v1"}
+
+    chat_only = asks(ALIAS_ONLY)
+    assert [r.status_code for r in chat_only] == [200] * 20
+    assert {served(r) for r in chat_only} == {"qwen-v1", "qwen-v2"}
+    with daemon.client() as c:  # allowed the alias, not its versions by their own names
+        direct = c.post("/v1/completions", json={"model": "qwen-v2", "prompt": "hi", "max_tokens": 1},
+                        headers={"Authorization": f"Bearer {ALIAS_ONLY}"})  # fmt: skip
+        assert direct.status_code == 403 and "'qwen-v2'" in direct.json()["error"]["message"]
+
+    refused = asks(NEITHER, 3)
+    assert {r.status_code for r in refused} == {403}
+    message = refused[0].json()["error"]["message"]
+    assert "'chat'" in message and "qwen-v1, qwen-v2" in message and "bge" in message
+
+    # A restricted key's turns do not move the split's round robin for everyone else.
+    any_key = [served(r) for r in asks(ANY, 10)]
+    assert any_key.count("qwen-v1") == 9 and any_key.count("qwen-v2") == 1
+
+    # /v1/models/validate says the same, for each key.
+    with daemon.client() as c:
+        cases = ((V1_ONLY, True, "qwen-v1"), (ALIAS_ONLY, True, None), (NEITHER, False, None))
+        for key, valid, resolved in cases:
+            answer = c.post(
+                "/v1/models/validate", headers={"Authorization": f"Bearer {key}"},
+                json={"path": "/v1/completions", "body": {"model": "chat", "prompt": "hi"}},
+            ).json()  # fmt: skip
+            assert answer["valid"] is valid, (key, answer)
+            if resolved:
+                assert answer["resolved"] == resolved
+            if not valid:
+                assert answer["problems"][0]["code"] == "FORBIDDEN"
