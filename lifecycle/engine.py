@@ -391,9 +391,11 @@ class Engine:
         """Stop the engine and wait until its whole process group is gone.
 
         With `drain`, new requests are refused at once and those in flight get
-        up to `drain` seconds to finish before the stop.
+        up to `drain` seconds to finish before the stop. While a start or a wake
+        runs nothing is being served (the requests wait for it): there is nothing
+        to drain, and it is stopped at once.
         """
-        if drain > 0 and self.in_flight > 0:
+        if drain > 0 and self.in_flight > 0 and not self._coming_up():
             self._draining = True
             try:
                 with contextlib.suppress(asyncio.TimeoutError):
@@ -403,6 +405,13 @@ class Engine:
                 self._draining = False
         else:
             await self._stop_now()
+
+    def _coming_up(self) -> bool:
+        """A start or a wake is in progress (its placement included)."""
+        return self._current() is not None and self._state in (
+            EngineState.STOPPED, EngineState.FAILED, EngineState.SLEEPING,
+            EngineState.STARTING, EngineState.WAKING,
+        )  # fmt: skip
 
     def adopt(self, spec: ModelSpec) -> None:
         """A changed entry that does not touch the process (how many replicas, routing):

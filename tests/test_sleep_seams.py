@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
+import yaml
 
 from tests.helpers import Daemon, fake_model, pid_alive, wait_until
 from tests.test_gpu_sharing import ask, gpu_doc, ledger, rows
@@ -51,10 +53,12 @@ def test_a_sleeping_model_wakes_on_the_gpu_its_process_is_bound_to(daemon_for: A
         assert gpus[0]["share_reserved"] == 1.0 and gpus[1]["share_reserved"] == 0.45
 
 
+@pytest.mark.parametrize("how", ["force", "drain", "reload"])
 def test_an_operators_stop_during_a_hung_wake_answers_within_the_grace_period(
-    daemon_for: Any, tmp_path: Path
+    daemon_for: Any, tmp_path: Path, how: str
 ) -> None:
-    """The wake call itself was bounded only by STARTUP_TIMEOUT: the stop waited it out."""
+    """The wake call itself was bounded only by STARTUP_TIMEOUT: the stop waited it out. (A
+    draining stop has nothing to drain: the request waits for the wake, not on the engine.)"""
     models = [fake_model("s", gpu_id=0, gpu_memory=0.5, on_idle="sleep", idle_timeout=0,
                          env={"FAKE_WAKE_DELAY": "60"})]  # fmt: skip
     daemon: Daemon = daemon_for(gpu_doc(tmp_path, *models), STARTUP_TIMEOUT="20", STOP_GRACE_PERIOD="1").start()
@@ -72,10 +76,17 @@ def test_an_operators_stop_during_a_hung_wake_answers_within_the_grace_period(
         waker.start()
         wait_until(lambda: rows(c)["s"]["state"] == "waking", 10)
         t0 = time.monotonic()
-        stopped = c.post("/v1/admin/models/s/stop", params={"force": "true"})
-        took = time.monotonic() - t0
-        waker.join(30)
-        assert stopped.status_code == 200 and stopped.json()["state"] == "stopped"
+        if how == "reload":  # the model removed from models.yaml while it wakes
+            daemon.config.write_text(yaml.safe_dump(gpu_doc(tmp_path, fake_model("other"))))
+            stopped = c.post("/v1/admin/reload")
+            assert stopped.status_code == 200 and stopped.json()["removed"] == ["s"]
+            waker.join(30)
+            took = time.monotonic() - t0
+        else:
+            stopped = c.post("/v1/admin/models/s/stop", params={"force": "true"} if how == "force" else {})
+            took = time.monotonic() - t0
+            waker.join(30)
+            assert stopped.status_code == 200 and stopped.json()["state"] == "stopped"
         # The stop grace (1 s) and the SIGKILL wait after it bound the stop, not the wake (20 s).
         assert took < 5.0, f"the stop took {took:.1f}s"
         assert woken["r"].status_code == 503 and woken["r"].json()["error"]["code"] == "MODEL_UNAVAILABLE"
