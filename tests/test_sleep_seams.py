@@ -61,7 +61,8 @@ def test_an_operators_stop_during_a_hung_wake_answers_within_the_grace_period(
     draining stop has nothing to drain: the request waits for the wake, not on the engine.)"""
     models = [fake_model("s", gpu_id=0, gpu_memory=0.5, on_idle="sleep", idle_timeout=0,
                          env={"FAKE_WAKE_DELAY": "60"})]  # fmt: skip
-    daemon: Daemon = daemon_for(gpu_doc(tmp_path, *models), STARTUP_TIMEOUT="20", STOP_GRACE_PERIOD="1").start()
+    doc = gpu_doc(tmp_path, *models)
+    daemon: Daemon = daemon_for(doc, STARTUP_TIMEOUT="20", STOP_GRACE_PERIOD="1").start()
     with daemon.client() as c:
         assert ask(c, "s").status_code == 200
         pid = rows(c)["s"]["pid"]
