@@ -53,6 +53,16 @@ def resolve_alias(aliases: AliasTable, name: str, session: str | None, key: KeyP
         ) from exc
 
 
+def _while_starting(exc: GpuOverloaded, engine: Engine) -> None:
+    """Turned away at the in-flight bound while the engine starts (or wakes): the requests it
+    counts wait for that start, so say when it is expected to be ready, and retry then."""
+    eta = engine.ready_in()
+    if eta is not None:
+        exc.retry_after = eta
+        exc.message = f"{exc.message}; its engine is starting, expected ready in about {eta:.0f}s"
+        exc.args = (exc.message,)
+
+
 class Selector:
     def __init__(self, ctx: AppContext, ticker: Ticker) -> None:
         self.ctx = ctx
@@ -105,15 +115,19 @@ class Selector:
             if replicas.held:  # a request ends an operator's hold (only `replicas: 1` has a min)
                 replicas.held = False
             engine = replicas.first
-            route = choose_route(
-                spec,
-                policy=self.ctx.policy,
-                disabled=self.ctx.registry.disabled,
-                in_flight={spec.name: engine.in_flight},
-                # Only asked of a GPU model with a twin whose engine must start or wake.
-                no_room=spec.cpu_offload_model is not None and engine.state is not EngineState.READY
-                and spec.execution_mode == "gpu" and not replicas.has_room(0),
-            )  # fmt: skip
+            try:
+                route = choose_route(
+                    spec,
+                    policy=self.ctx.policy,
+                    disabled=self.ctx.registry.disabled,
+                    in_flight={spec.name: engine.in_flight},
+                    # Only asked of a GPU model with a twin whose engine must start or wake.
+                    no_room=spec.cpu_offload_model is not None and engine.state is not EngineState.READY
+                    and spec.execution_mode == "gpu" and not replicas.has_room(0),
+                )  # fmt: skip
+            except GpuOverloaded as exc:
+                _while_starting(exc, engine)
+                raise
             return self._engine(route, call) if route.offloaded else engine
         route = choose_route(spec, policy=self.ctx.policy, disabled=self.ctx.registry.disabled, in_flight={})
         if route.offloaded:  # a GPU model in cpu mode: its twin

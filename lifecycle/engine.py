@@ -60,6 +60,7 @@ from lifecycle.state import (
     EngineStatus,
     check_transition,
 )
+from router.policy import ready_eta
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +141,10 @@ class Engine:
         self.sleeps = 0
         self.wakes = 0
         self.ready_once = False  # has been ready since the daemon started (/health?ready=1)
+        # The start or wake in progress: when it began, and how long the last one of its kind
+        # took (what a caller turned away meanwhile is told to wait: `ready_in`).
+        self._coming: tuple[str, float] | None = None
+        self._took: dict[str, float] = {}
         # Set by its ReplicaSet: told of every release and state change (requests waiting for
         # a replica to free), and asked before an idle stop (False: keep it, the model's `min`).
         self.on_change: Callable[[], None] | None = None
@@ -576,8 +581,23 @@ class Engine:
             timeout = self._services.settings.startup_timeout
             await self._budget.reserve(self, max(0.0, began + timeout - time.monotonic()), self._abort)
 
+    def ready_in(self) -> float | None:
+        """Seconds until the start or wake in progress is expected to end (router/policy.py's
+        estimate from the last one's duration); None when none is in progress."""
+        if self._coming is None or not self._coming_up():
+            return None
+        kind, began = self._coming
+        return ready_eta(self._took.get(kind), time.monotonic() - began)
+
+    def _came_up(self) -> None:
+        if self._coming is not None:
+            kind, began = self._coming
+            self._took[kind] = time.monotonic() - began
+            self._coming = None
+
     async def _run_start(self) -> None:
         began = time.monotonic()
+        self._coming = ("start", began)
         if self.process.kind != self.spec.placement:  # a reload moved it (it is stopped)
             self.process = self._placement(self.spec)
         await self.process.place(self.spec, self._override)  # a Ray node with room (local: here)
@@ -609,6 +629,7 @@ class Engine:
             raise
         self.retry_at = None
         self._ready_since = time.monotonic()
+        self._came_up()
         self._set(EngineState.READY)
         self.ready_once = True
         events.started(self.name, self.spec.backend, ready_at - began, self.replica)
@@ -712,6 +733,7 @@ class Engine:
         """SLEEPING -> WAKING -> READY once it has room again. A wake that fails stops the
         engine; the request that woke it then starts it afresh (ensure_ready loops)."""
         began = time.monotonic()
+        self._coming = ("wake", began)
         await self._place(began)
         routes = self._sleep_routes  # the entry cannot change while asleep: a change stops it
         assert routes is not None
@@ -721,6 +743,7 @@ class Engine:
         if not await self._call(routes.wake, timeout, routes.body, "wake", abort=self._abort):
             return
         self.wakes += 1
+        self._came_up()
         self._set(EngineState.READY)
         self._services.events.woke(self.name, time.monotonic() - began, self.replica)
         self.log.write("=== awake")

@@ -71,3 +71,11 @@ def overflow(spec: ModelSpec, policy: OffloadPolicy, disabled: Mapping[str, str]
     if policy.offload_enabled and twin is not None and twin not in disabled:
         return Route(twin, offloaded=True)
     raise GpuOverloaded(f"{why} and no CPU offload is available", retry_after=RETRY_AFTER_SECONDS)
+
+
+def ready_eta(last: float | None, elapsed: float) -> float:
+    """Seconds a start (or wake) that has run `elapsed` seconds is expected to still take, for
+    the Retry-After of a caller turned away meanwhile: what the last one of its kind took, less
+    `elapsed`; with none to go by, as long again as it has run. At least 1 s."""
+    remaining = last - elapsed if last is not None else elapsed
+    return max(RETRY_AFTER_SECONDS, remaining)

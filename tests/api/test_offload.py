@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from contextlib import AsyncExitStack
 from typing import Any
 
@@ -68,3 +69,27 @@ async def test_cpu_mode_serves_gpu_models_by_their_twin(daemon_for: Any) -> None
         status = (await c.get("/v1/status")).json()
         assert status["execution_mode"] == "cpu"
         assert {r["name"]: r["starts"] for r in status["models"]} == {"gpu": 0, "twin": 1, "gpu-alone": 0}
+
+
+async def test_a_burst_at_a_starting_model_is_told_when_the_start_should_end(daemon_for: Any) -> None:
+    """Issue 25, defect 6: five requests at once for a cold model (bound 3, no twin): three wait
+    for the start, two get 429 — with a Retry-After of one second whatever the start's length.
+    Now the two are told when the start is expected to end: the last start's duration less
+    the time this one has run (the first start has none to go by: it says at least 1 s)."""
+    doc = registry_doc(fake_model("cold", backend="vllm", env={"FAKE_START_DELAY": "3"}))
+    daemon: Daemon = daemon_for(doc, OFFLOAD_QUEUE_THRESHOLD="3").start()
+    body = {"model": "cold", "prompt": "x", "max_tokens": 2}
+    async with httpx.AsyncClient(base_url=daemon.url, timeout=30) as c:
+        for burst in range(2):
+            replies = await asyncio.gather(*(c.post("/v1/completions", json=body) for _ in range(5)))
+            assert sorted(r.status_code for r in replies) == [200, 200, 200, 429, 429]
+            refused = [r for r in replies if r.status_code == 429]
+            for r in refused:
+                error = r.json()["error"]
+                assert error["code"] == "GPU_OVERLOADED" and "its engine is starting" in error["message"]
+            waits = [int(r.headers["retry-after"]) for r in refused]
+            if burst == 0:
+                assert all(w >= 1 for w in waits)
+            else:  # the first start took ~3 s: that is what a refused caller is told
+                assert all(3 <= w <= 5 for w in waits), waits
+            assert (await c.post("/v1/admin/models/cold/stop")).status_code == 200

@@ -6,7 +6,7 @@ import pytest
 
 from config.models import ModelSpec
 from router.errors import FormatNotSupported, GpuOverloaded, ModelUnavailable
-from router.policy import OffloadPolicy, Route, choose_route
+from router.policy import OffloadPolicy, Route, choose_route, ready_eta
 
 GPU = ModelSpec.model_validate(
     {"name": "g", "backend": "sglang", "model_path": "m", "cpu_offload_model": "c"}
@@ -54,3 +54,9 @@ def test_cpu_mode_uses_the_twin_or_refuses() -> None:
 def test_a_disabled_model_is_format_not_supported() -> None:
     with pytest.raises(FormatNotSupported, match="bad format"):
         _route(GPU, 0, disabled={"g": "bad format"})
+
+
+def test_ready_eta_is_the_last_starts_remainder_or_as_long_again_and_at_least_a_second() -> None:
+    assert ready_eta(30.0, 10.0) == 20.0  # the last start took 30 s; this one has run 10
+    assert ready_eta(30.0, 29.5) == 1.0 and ready_eta(30.0, 45.0) == 1.0  # late: retry soon
+    assert ready_eta(None, 4.0) == 4.0 and ready_eta(None, 0.1) == 1.0  # nothing to go by
