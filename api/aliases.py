@@ -99,9 +99,12 @@ class AliasTable:
         if not isinstance(split, dict) or not split:
             raise InvalidRequest('Give {"split": {"<model>": <weight>, ...}}')
         kind = models[alias.weights[0][0]].type
+        disabled = self._manager.registry.disabled
         for version, weight in split.items():
             if version not in models:
                 raise InvalidRequest(f"'{version}' is not a registered model")
+            if version in disabled:
+                raise InvalidRequest(f"'{version}' cannot run ({disabled[version]}): it cannot take traffic")
             if models[version].type != kind:
                 raise InvalidRequest(f"'{version}' is a {models[version].type} model; '{name}' serves {kind}")
             if type(weight) is not int or weight <= 0:

@@ -31,6 +31,7 @@ from router.errors import (
     ModelNotFound,
     ModelUnavailable,
     NotFound,
+    NotSleepable,
 )
 from router.policy import choose_route
 
@@ -62,6 +63,7 @@ def _model_card(ctx: AppContext, spec: ModelSpec) -> dict[str, Any]:
     }
     if spec.name in ctx.registry.disabled:
         card["disabled"] = ctx.registry.disabled[spec.name]
+        card["state"] = DISABLED
     return card
 
 
@@ -110,6 +112,7 @@ def _gpu_rows(ctx: AppContext) -> list[dict[str, Any]]:
 
 
 router = APIRouter()
+DISABLED = "disabled"  # the state shown for a model whose format its backend cannot run
 FOLLOW_POLL_SECONDS = 0.2
 
 
@@ -169,7 +172,8 @@ async def validate_request(request: Request) -> dict[str, Any]:
             'The body must be JSON: {"path": "/v1/chat/completions", "body": {...}}'
         ) from exc
     session = headers.get(b"x-session-id")
-    return validate(ctx, key, body, session.decode("latin-1") if session else None)
+    priority = headers.get(b"x-priority")
+    return validate(ctx, key, body, session.decode("latin-1") if session else None, priority)
 
 
 @get("/v1/aliases")
@@ -209,6 +213,10 @@ async def dashboard(request: Request) -> dict[str, Any]:
 
 async def _status(ctx: AppContext) -> dict[str, Any]:
     rows = [_status_row(r) for r in ctx.manager.models.values()]  # one consistent snapshot
+    for row in rows:  # a model that cannot run says so (and why), not merely "stopped"
+        row["disabled"] = ctx.registry.disabled.get(row["name"])
+        if row["disabled"] is not None:
+            row["state"] = DISABLED
     leaders = {
         (row["name"], r["replica"]): r["pid"]
         for row in rows
@@ -309,7 +317,10 @@ async def admin_sleep(request: Request, name: str) -> JSONResponse:
     ctx = _ctx(request)
     group = _replicas(ctx, name)
     if group.spec.on_idle != "sleep" or group.first.backend.sleep_routes is None:
-        raise InvalidRequest(f"Model '{name}' is not launched for sleep (set on_idle: sleep in models.yaml)")
+        raise NotSleepable(
+            f"Model '{name}' is not launched for sleep: set on_idle: sleep in models.yaml "
+            "(SGLang and vLLM models only), or stop it instead"
+        )
     awake = [e for e in group.engines if e.state is not EngineState.SLEEPING]
     running = [e for e in awake if e.up] or awake[:1]  # none up: the first one says why (409)
     busy = [e for e in running if not e.idle_ready]

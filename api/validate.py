@@ -20,6 +20,7 @@ from api.call import Call, alias_session, fit, wrong_type
 from api.compute import OUTPUT_LIMITS
 from api.context import AppContext
 from api.select import resolve_alias
+from api.tenancy import request_priority
 from backends.capabilities import ROUTES, SERVED_TYPES
 from config.keys import KeyPolicy
 from config.models import ModelSpec
@@ -32,9 +33,15 @@ from router.errors import (
 )
 
 
-def validate(ctx: AppContext, key: KeyState | None, request: Any, session: str | None) -> dict[str, Any]:
+def validate(
+    ctx: AppContext, key: KeyState | None, request: Any, session: str | None, priority: bytes | None = None
+) -> dict[str, Any]:
     problems: list[RouterError] = []
     answer: dict[str, Any] = {"valid": False, "model": None, "resolved": None, "problems": []}
+    try:  # the X-Priority the real request would carry (sent to this route as it is)
+        request_priority(key, priority)
+    except RouterError as exc:
+        problems.append(exc)
     path = request.get("path") if isinstance(request, dict) else None
     body = request.get("body") if isinstance(request, dict) else None
     if path not in SERVED_TYPES:
@@ -43,15 +50,15 @@ def validate(ctx: AppContext, key: KeyState | None, request: Any, session: str |
     try:
         payload, requested = parse_payload(orjson.dumps(body))
     except RouterError as exc:
-        return _done(answer, [exc])
+        return _done(answer, [*problems, exc])
     answer["model"] = requested
     policy = key.policy if key is not None else None
     try:
         spec = _resolve(ctx, requested, payload, session, policy)
     except Forbidden as exc:
-        return _done(answer, [exc])
+        return _done(answer, [*problems, exc])
     if spec is None:
-        return _done(answer, [ModelNotFound(requested, ctx.registry.names)])
+        return _done(answer, [*problems, ModelNotFound(requested, ctx.registry.names)])
     answer["resolved"] = spec.name
     mismatch = wrong_type(spec, requested, path)
     if mismatch is not None:

@@ -12,6 +12,7 @@
      ├── ModelNotFound          404  MODEL_NOT_FOUND (+ available_models, install_endpoint)
      ├── MethodNotAllowed       405  METHOD_NOT_ALLOWED (+ Allow)
      ├── Conflict               409  MODEL_BUSY (an admin action that needs an idle, ready engine)
+     │    └── NotSleepable           SLEEP_NOT_ENABLED (an admin sleep of a model not launched for it)
      ├── RequestTimeout         408  REQUEST_TIMEOUT (a request head or body came too slowly)
      ├── PayloadTooLarge        413  REQUEST_TOO_LARGE
      ├── HeadersTooLarge        431  HEADERS_TOO_LARGE (MAX_HEADER_BYTES, MAX_HEADERS)
@@ -145,6 +146,10 @@ class MethodNotAllowed(RouterError):
 
 class Conflict(RouterError):
     status, code, type = 409, "MODEL_BUSY", "invalid_request_error"
+
+
+class NotSleepable(Conflict):
+    code = "SLEEP_NOT_ENABLED"
 
 
 class RequestTimeout(RouterError):

@@ -13,7 +13,10 @@ from router.aliases import for_session
 from tests.helpers import Daemon, fake_model, registry_doc
 
 DOC = {
-    **registry_doc(fake_model("qwen-v1"), fake_model("qwen-v2"), fake_model("bge", type="embedding")),
+    **registry_doc(
+        fake_model("qwen-v1"), fake_model("qwen-v2"), fake_model("bge", type="embedding"),
+        fake_model("qwen-gguf", backend="vllm", format="gguf"),  # disabled: vLLM runs no GGUF here
+    ),
     "aliases": {"chat": {"split": {"qwen-v1": 90, "qwen-v2": 10}}, "coder": "qwen-v2"},
 }
 
@@ -82,7 +85,7 @@ def test_aliases_are_listed_checked_and_reset_by_a_reload(daemon_for: Any) -> No
     daemon: Daemon = daemon_for(DOC, OFFLOAD_QUEUE_THRESHOLD="100").start()
     with daemon.client() as c:
         ids = [m["id"] for m in c.get("/v1/models").json()["data"]]
-        assert ids == ["qwen-v1", "qwen-v2", "bge", "chat", "coder"]
+        assert ids == ["qwen-v1", "qwen-v2", "bge", "qwen-gguf", "chat", "coder"]
         card = c.get("/v1/models", params={"model": "chat"}).json()
         assert card["alias_of"] == {"qwen-v1": 90, "qwen-v2": 10} and card["type"] == "llm"
         bad = [
@@ -91,6 +94,8 @@ def test_aliases_are_listed_checked_and_reset_by_a_reload(daemon_for: Any) -> No
             ("chat", {"split": {"qwen-v1": 0}}, 400, "whole number above 0"),
             ("chat", {"spilt": {}}, 400, "split"),
             ("nope", {"split": {"qwen-v1": 1}}, 404, "No alias 'nope'"),
+            # Issue 25, defect 7: a split to a model that cannot run was taken (then every 422).
+            ("chat", {"split": {"qwen-v1": 1, "qwen-gguf": 1}}, 400, "'qwen-gguf' cannot run"),
         ]
         for name, body, status, text in bad:
             resp = c.post(f"/v1/admin/aliases/{name}", json=body)

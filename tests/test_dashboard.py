@@ -23,6 +23,7 @@ ADMIN = "admin-key-for-the-dashboard-test-0001"
 DOC = registry_doc(
     fake_model("gpu-model", gpu_memory=0.5, env={"FAKE_START_DELAY": "0.3"}),
     fake_model("cpu-model", backend="llamacpp", execution_mode="cpu"),
+    fake_model("bad-format", backend="vllm", format="gguf"),
 )
 
 
@@ -72,6 +73,10 @@ def test_the_dashboard_shows_models_starts_and_stops_them_and_follows_traffic_an
     sync_api.expect(w.badge("gpu-model")).to_have_text("stopped", timeout=10_000)
     sync_api.expect(w.badge("cpu-model")).to_have_text("stopped")
     sync_api.expect(page.locator('[data-gpu="0"]')).to_contain_text("0% reserved")
+    # A model that cannot run says so, and why, and offers no buttons (issue 25, defect 7).
+    sync_api.expect(w.badge("bad-format")).to_have_text("disabled")
+    sync_api.expect(page.locator('tr:has(td.error)')).to_contain_text("cannot run: format 'gguf'")
+    sync_api.expect(page.locator('button[data-model="bad-format"]')).to_have_count(0)
 
     w.button("gpu-model", "start").click()
     sync_api.expect(w.badge("gpu-model")).to_have_text("ready", timeout=15_000)  # no reload

@@ -414,7 +414,9 @@ def test_an_operator_sleeps_an_idle_engine(daemon_for: Any, tmp_path: Path) -> N
     ]
     daemon: Daemon = daemon_for(gpu_doc(tmp_path, *models)).start()
     with daemon.client() as c:
-        assert c.post("/v1/admin/models/plain/sleep").status_code == 400
+        refused = c.post("/v1/admin/models/plain/sleep")  # issue 25, defect 7: was INVALID_BODY
+        assert refused.status_code == 409 and refused.json()["error"]["code"] == "SLEEP_NOT_ENABLED"
+        assert "on_idle: sleep" in refused.json()["error"]["message"]
         assert c.post("/v1/admin/models/s/sleep").json()["error"]["code"] == "MODEL_BUSY"  # stopped
         with c.stream("POST", "/v1/completions", json={"model": "s", "prompt": "x", "stream": True}) as resp:
             assert resp.status_code == 200

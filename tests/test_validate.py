@@ -60,7 +60,7 @@ def test_validate_reports_each_problem_starts_nothing_and_agrees_with_the_real_r
         assert answers[0]["resolved"] == "chat-v1" and answers[0]["model"] == "chat"
         status = c.get("/v1/status", headers={"Authorization": f"Bearer {OPEN}"}).json()
         states = {m["name"]: m["state"] for m in status["models"]}
-        assert set(states.values()) == {"stopped"}, "validate starts no engine"
+        assert set(states.values()) == {"stopped", "disabled"}, "validate starts no engine"
 
         for (key, path, body, code), answer in zip(CASES, answers, strict=True):
             real = c.post(path, json=body, headers={"Authorization": f"Bearer {key}"})
@@ -73,3 +73,14 @@ def test_validate_reports_each_problem_starts_nothing_and_agrees_with_the_real_r
                           headers={"Authorization": f"Bearer {OPEN}"}).json()  # fmt: skip
         assert not bad_path["valid"] and bad_path["problems"][0]["code"] == "INVALID_BODY"
         assert c.post("/v1/models/validate", json={"path": "/v1/completions", "body": {}}).status_code == 401
+        # Issue 25, defect 7: an X-Priority the real request refuses was `valid: true`.
+        body = {"model": "chat", "prompt": "hi", "max_tokens": 2}
+        urgent = {"Authorization": f"Bearer {OPEN}", "X-Priority": "urgent"}
+        answer = c.post("/v1/models/validate", json={"path": "/v1/completions", "body": body},
+                        headers=urgent).json()  # fmt: skip
+        assert not answer["valid"] and [p["code"] for p in answer["problems"]] == ["INVALID_HEADER"]
+        real = c.post("/v1/completions", json=body, headers=urgent)
+        assert real.status_code == 400 and real.json()["error"]["code"] == "INVALID_HEADER"
+        low = c.post("/v1/models/validate", json={"path": "/v1/completions", "body": body},
+                     headers={**urgent, "X-Priority": "low"}).json()  # fmt: skip
+        assert low["valid"] is True

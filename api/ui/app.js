@@ -109,21 +109,25 @@ function queueTitle(m) {
 function drawModels(models) {
   const rows = models.map((m) => {
     const ready = m.replicas.filter((r) => r.state === "ready").length;
-    const actions = el("td", { class: "actions" },
-      el("button", { type: "button", "data-action": "start", "data-model": m.name, onclick: () => act(m.name, "start") }, "Start"),
-      el("button", { type: "button", "data-action": "stop", "data-model": m.name, onclick: () => act(m.name, "stop") }, "Stop"));
-    if (m.gpu_memory != null) {
+    const actions = el("td", { class: "actions" });
+    if (!m.disabled) {
+      actions.append(
+        el("button", { type: "button", "data-action": "start", "data-model": m.name, onclick: () => act(m.name, "start") }, "Start"),
+        el("button", { type: "button", "data-action": "stop", "data-model": m.name, onclick: () => act(m.name, "stop") }, "Stop"));
+    }
+    if (m.gpu_memory != null && !m.disabled) {
       actions.append(el("button", { type: "button", "data-action": "sleep", "data-model": m.name, onclick: () => act(m.name, "sleep") }, "Sleep"));
     }
     const row = el("tr", { "data-model": m.name },
       el("td", {}, m.name),
-      el("td", {}, el("span", { class: "badge state-" + m.state, "data-state": m.state }, m.state)),
+      el("td", {}, el("span", { class: "badge state-" + m.state, "data-state": m.state, title: m.disabled || "" }, m.state)),
       el("td", {}, m.backend),
       el("td", {}, (m.execution_mode || "") + (m.placement === "ray" ? " · ray" : "")),
       el("td", {}, ready + "/" + m.replicas.length),
       el("td", {}, m.in_flight), el("td", { title: queueTitle(m) }, m.queued), el("td", {}, m.starts),
       el("td", {}, m.failures), el("td", {}, gpuText(m)), actions);
     const out = [row];
+    if (m.disabled) out.push(el("tr", {}, el("td", { class: "error", colspan: "11" }, "cannot run: " + m.disabled)));
     if (m.last_error) out.push(el("tr", {}, el("td", { class: "error", colspan: "11" }, m.last_error)));
     return out;
   }).flat();

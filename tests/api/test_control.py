@@ -24,7 +24,8 @@ def test_health_models_status_install(daemon_for: Any) -> None:
         one = c.get("/v1/models", params={"model": "a"}).json()
         assert one["backend"] == "sglang" and one["format"] == "hf" and one["execution_mode"] == "gpu"
         assert one["state"] == "stopped" and one["cpu_offload_model"] == "b"
-        assert "not supported" in c.get("/v1/models", params={"model": "bad"}).json()["disabled"]
+        bad = c.get("/v1/models", params={"model": "bad"}).json()
+        assert "not supported" in bad["disabled"] and bad["state"] == "disabled"
         status = c.get("/v1/status").json()
         assert status["execution_mode"] == "gpu"
         assert status["gpus"] == [] and status["max_loaded_models"] == 0  # no NVML, none declared
@@ -55,7 +56,12 @@ def test_health_models_status_install(daemon_for: Any) -> None:
             "placement",
             "host",
             "node",
+            "disabled",
         }
+        rows = {r["name"]: r for r in status["models"]}
+        assert rows["a"]["disabled"] is None and rows["a"]["state"] == "stopped"
+        # Issue 25, defect 7: a model that cannot run showed as plain "stopped".
+        assert rows["bad"]["state"] == "disabled" and "not supported" in rows["bad"]["disabled"]
         assert [r["replica"] for r in status["models"][0]["replicas"]] == [0]
         install = c.get("/v1/models/install").json()
         assert install["downloads"] is False and "gguf" in install["formats"]
