@@ -462,11 +462,12 @@ class Engine:
         self.retry_at = None
 
     def check_exited(self) -> bool:
-        """After a refused connection: has the process died? If so, start the crash stop
-        now rather than when the exit notice is processed, so a retry waits for a new engine."""
+        """After a refused connection: has the process died (a Ray engine's node, say)? If so,
+        start the crash stop now rather than when the exit notice is processed, so a retry
+        waits for a new engine."""
         if self.process.pid is None:
             return True
-        code = self.process.exit_code()
+        code = self.process.refused()
         if code is None:
             return False
         self._stop_crashed(code)

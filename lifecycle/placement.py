@@ -72,6 +72,11 @@ class Placement:
         """The exit code once the process has exited (without waiting for the exit notice)."""
         raise NotImplementedError
 
+    def refused(self) -> int | None:
+        """The engine refused a connection: its exit code if it is gone (None: it lives, and
+        the refusal is the request's error). Here the process is asked."""
+        return self.exit_code()
+
     @property
     def may_place(self) -> bool:
         """Whether a start may find room now (a Ray cluster says no for a while after a

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from config.models import ModelSpec
 
 log = logging.getLogger(__name__)
 PREFIX = "engine:"
+PREFLIGHT_TIMEOUT = 5.0  # seconds to open a TCP connection to the cluster's GCS
 
 
 class RayUnavailable(Exception):
@@ -45,6 +47,40 @@ def token_configured(env: Mapping[str, str] = os.environ) -> str | None:
     if (Path.home() / ".ray" / "auth_token").is_file():
         return None
     return "no token: set RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH"
+
+
+def _preflight(address: str) -> None:
+    """Say at once, and plainly, what ray.init says after ~20 s as "Failed to connect": that
+    nothing answers at `address`, or that the cluster refused this daemon's token. Anything
+    else (an address Ray resolves itself, a Ray client URL) is left to ray.init."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or "/" in host:
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=PREFLIGHT_TIMEOUT).close()
+    except OSError as exc:
+        raise RayUnavailable(f"cannot reach the Ray cluster at {address}: {exc}") from exc
+    try:
+        from ray._raylet import GcsClient  # type: ignore[attr-defined]  # answers at once when reachable
+        from ray.exceptions import AuthenticationError
+    except ImportError:  # another Ray: ray.init says what it says
+        return
+    try:
+        GcsClient(address=address)
+    except AuthenticationError as exc:
+        raise RayUnavailable(
+            f"the Ray cluster at {address} refused this daemon's token ({_token_source()}): {exc}"
+        ) from exc
+    except Exception as exc:  # ray.init reports it, with its own words
+        log.debug("Ray preflight at %s: %s", address, exc)
+
+
+def _token_source(env: Mapping[str, str] = os.environ) -> str:
+    if env.get("RAY_AUTH_TOKEN"):
+        return "RAY_AUTH_TOKEN"
+    if env.get("RAY_AUTH_TOKEN_PATH"):
+        return f"RAY_AUTH_TOKEN_PATH {env['RAY_AUTH_TOKEN_PATH']}"
+    return "~/.ray/auth_token"
 
 
 def _where(spec: ClusterSpec) -> tuple[str | None, str]:
@@ -103,6 +139,7 @@ class RayCluster:
         address = self.spec.address or os.environ.get("RAY_ADDRESS")
         if not address:
             raise RayUnavailable("no Ray cluster address: set cluster.address or RAY_ADDRESS")
+        _preflight(address)
         try:
             ray.init(
                 address=address, namespace=self.spec.namespace, logging_level=logging.WARNING,

@@ -56,6 +56,7 @@ class RayPlacement(Placement):
         self.cuda_visible_devices: str | None = None
         self._no_room_until = 0.0  # after a placement timeout: no node had room, recently
         self._seen = 0  # output lines read from the actor so far
+        self._lost = False  # the engine refused connections: its node (or actor) is gone
 
     @property
     def pid(self) -> int | None:
@@ -65,14 +66,30 @@ class RayPlacement(Placement):
         exited = self.exited
         return exited.result() if exited is not None and exited.done() and not exited.cancelled() else None
 
+    def refused(self) -> int | None:
+        """Nothing listens at the engine's address on its node: its process or its node is gone,
+        though the actor's exit watch may not say so for seconds (Ray notices a dead node by
+        missed heartbeats). Taken as an exit at once, as a local engine's is; the stop that
+        follows does not wait on the actor, which may be unreachable."""
+        code = self.exit_code()
+        if code is None and self._actor is not None:
+            self._lost = True
+            return LOST
+        return code
+
     @property
     def may_place(self) -> bool:
         """False for a while after a placement timed out: send requests elsewhere meanwhile."""
         return time.monotonic() >= self._no_room_until
 
     async def place(self, spec: ModelSpec, override: EngineOverride | None) -> None:
-        """A host actor on a node with the model's resources, within placement_timeout."""
+        """A host actor on a node with the model's resources, within placement_timeout. For a
+        placement_timeout after one timed out, none is asked for: the start is refused at once."""
         timeout = self.cluster.spec.placement_timeout
+        if not self.may_place:
+            left = self._no_room_until - time.monotonic()
+            why = f"no Ray node had {_resources(spec)} within placement_timeout ({timeout:g}s) a moment ago"
+            raise self._no_room(spec, f"{why}; next try in {left:.0f}s", left)
         api_key = launch_key()
         actor = await self._create(spec, fingerprint(spec, override), api_key)
         try:
@@ -82,8 +99,9 @@ class RayPlacement(Placement):
             self._no_room_until = time.monotonic() + timeout
             need = _resources(spec)
             self.log.write(f"=== no Ray node had {need} within {timeout:g}s: placement cancelled")
-            raise EngineNoRoom(spec.name, f"model '{spec.name}': no Ray node had {need} within "
-                               f"placement_timeout ({timeout:g}s)", ()) from None  # fmt: skip
+            raise self._no_room(
+                spec, f"no Ray node had {need} within placement_timeout ({timeout:g}s)", timeout
+            ) from None
         except Exception as exc:  # the actor failed, or the cluster is unreachable
             self.cluster.kill(actor)
             raise EngineStartError(
@@ -94,6 +112,14 @@ class RayPlacement(Placement):
             raise
         self._actor, self.api_key = actor, api_key
         self._where(where)
+
+    @staticmethod
+    def _no_room(spec: ModelSpec, why: str, retry_after: float) -> EngineNoRoom:
+        """The model's requests take the overload path (its twin, else 429) and are told to come
+        back once the cluster may have room again."""
+        error = EngineNoRoom(spec.name, f"model '{spec.name}': {why}", ())
+        error.retry_after = max(error.retry_after, retry_after)
+        return error
 
     async def _create(self, spec: ModelSpec, print_: str, api_key: str) -> Any:
         """The host actor. One left under this engine's name (a stop that could not reach the
@@ -180,13 +206,15 @@ class RayPlacement(Placement):
         if self._pump is not None:
             self._pump.cancel()
             self._pump = None
+        lost, self._lost = self._lost, False
         if actor is not None:
             grace = self._services.settings.stop_grace_period
             code: int | None = None
-            with contextlib.suppress(Exception):
-                code = await asyncio.wait_for(_awaitable(actor.stop.remote(grace)), grace + 10)
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._read_output(actor), 2.0)
+            if not lost:  # a lost engine's actor may not answer: Ray's kill ends what is left
+                with contextlib.suppress(Exception):
+                    code = await asyncio.wait_for(_awaitable(actor.stop.remote(grace)), grace + 10)
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self._read_output(actor), 2.0)
             self.cluster.kill(actor)
             self.log.write(f"=== exited with code {code if code is not None else LOST}")
         if self.exited is not None and not self.exited.done():

@@ -33,6 +33,7 @@ class FakeCluster:
     address: str
     env: dict[str, str]  # what a daemon needs to join it (token included)
     node_ids: list[str]  # head, node-a, node-b
+    ray: Any = None  # the ray.cluster_utils.Cluster, for tests that add and remove nodes
 
 
 @contextmanager
@@ -56,7 +57,7 @@ def fake_cluster(tmp: Path) -> Iterator[FakeCluster]:
         nodes = [cluster.head_node] + [cluster.add_node(**node) for node in NODES]
         cluster.wait_for_nodes()
         yield FakeCluster(
-            cluster.address, {**env, "RAY_ADDRESS": cluster.address}, [n.node_id for n in nodes]
+            cluster.address, {**env, "RAY_ADDRESS": cluster.address}, [n.node_id for n in nodes], cluster
         )
     finally:
         cluster.shutdown()  # type: ignore[no-untyped-call]
