@@ -10,8 +10,15 @@ model (SGLang or vLLM on a GPU), as a multi-document YAML stream:
 - `spec.replicas`: `replicas` (its `min` for a range, at least 1); `spec.parallelism.tensor`:
   `tensor_parallel_size`, or the number of GPUs in `gpu_id`.
 - `spec.template.containers[0]` ("main"): the engine's image for SGLang (vLLM is KServe's
-  default runtime, configured by its well-known LLMInferenceServiceConfig), the model's
-  `args` and `env`, and `nvidia.com/gpu` limits for its GPUs.
+  default runtime, configured by its well-known LLMInferenceServiceConfig), the whole command
+  line, the model's `env`, and `nvidia.com/gpu` limits for its GPUs.
+
+The command line is complete in the manifest: KServe merges `template` over its well-known
+config with a strategic merge, where a container's `command` and `args` given here replace
+the config's (lists of strings are not merged). So it names everything the runtime needs —
+the model where KServe's storage initializer puts it (MODEL_DIR), the served name, the port
+the config's probes use (PORT), every interface for SGLang (its default is loopback), tensor
+parallelism — then the model's own `args`, which may override any of them.
 
 What does not carry over (KServe has no equivalent): start on first request and idle stop
 (`idle_timeout`, `on_idle: sleep`), CPU spill (`cpu_offload_model`), GPU memory shares
@@ -29,6 +36,8 @@ from config.models import ModelSpec, Registry
 
 API_VERSION = "serving.kserve.io/v1alpha2"
 SGLANG_IMAGE = "lmsysorg/sglang:latest"
+MODEL_DIR = "/mnt/models"  # where KServe's storage initializer puts spec.model.uri
+PORT = 8000  # the port of KServe's LLM configs: their containerPort and probes
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -52,9 +61,7 @@ def manifest(spec: ModelSpec) -> dict[str, Any]:
     }
     if spec.backend == "sglang":
         container["image"] = SGLANG_IMAGE
-        container["command"] = ["python", "-m", "sglang.launch_server"]
-    if spec.args:
-        container["args"] = list(spec.args)
+    container["command"], container["args"] = command_line(spec, tensor)
     if spec.env:
         container["env"] = [{"name": k, "value": v} for k, v in sorted(spec.env.items())]
     low, _ = spec.replica_range
@@ -75,6 +82,22 @@ def manifest(spec: ModelSpec) -> dict[str, Any]:
         },
         "spec": body,
     }
+
+
+def command_line(spec: ModelSpec, tensor: int) -> tuple[list[str], list[str]]:
+    """The container's command and args: what the runtime needs, then the model's own args."""
+    served, port = spec.served_name, str(PORT)
+    if spec.backend == "sglang":
+        command = ["python", "-m", "sglang.launch_server"]
+        args = ["--model-path", MODEL_DIR, "--served-model-name", served, "--port", port, "--host", "0.0.0.0"]
+        parallel = "--tp-size"
+    else:
+        command = ["vllm", "serve", MODEL_DIR]
+        args = ["--served-model-name", served, "--port", port, "--host", "0.0.0.0"]
+        parallel = "--tensor-parallel-size"
+    if tensor > 1:
+        args += [parallel, str(tensor)]
+    return command, args + list(spec.args)
 
 
 def kserve_manifests(registry: Registry) -> list[dict[str, Any]]:

@@ -56,7 +56,7 @@ def test_export_kserve_writes_valid_manifests_for_the_gpu_models(tmp_path: Path)
     assert qwen["spec"]["model"] == {"uri": "hf://Qwen/Qwen2.5-Coder-7B-Instruct", "name": "Qwen_Coder"}
     assert qwen["spec"]["replicas"] == 2 and qwen["spec"]["parallelism"] == {"tensor": 2}
     main = qwen["spec"]["template"]["containers"][0]
-    assert main["args"] == ["--context-length", "8192"] and main["env"] == [
+    assert main["args"][-2:] == ["--context-length", "8192"] and main["env"] == [
         {"name": "HF_HOME", "value": "/models/hf"}
     ]
     assert main["resources"]["limits"] == {"nvidia.com/gpu": "2"} and "sglang" in main["image"]
@@ -82,3 +82,33 @@ def test_export_usage(args: list[str]) -> None:
         [sys.executable, "main.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 2 and "usage: python main.py export kserve" in done.stderr
+
+
+def _options(argv: list[str]) -> dict[str, str]:
+    """`--flag value` pairs (the exported lines spell every flag with its value apart)."""
+    flags = [i for i, a in enumerate(argv) if a.startswith("--")]
+    return {argv[i]: argv[i + 1] for i in flags}
+
+
+def test_each_manifest_runs_its_engine_on_the_model_kserve_mounts_at_the_port_it_probes(
+    tmp_path: Path,
+) -> None:
+    """Issue 25, defect 11: the SGLang container ran `python -m sglang.launch_server` with the
+    model's own args only: no --model-path, no --port (and SGLang listens on loopback unless
+    told). KServe's strategic merge replaces a container's command and args with the ones given,
+    so each manifest must carry the whole line. (tests/contract/ parses these same lines with
+    the real engines' parsers.)"""
+    assert export(tmp_path, MODELS).returncode == 0
+    qwen, llama = yaml.safe_load_all((tmp_path / "kserve.yaml").read_text())
+    sglang = qwen["spec"]["template"]["containers"][0]
+    assert sglang["command"] == ["python", "-m", "sglang.launch_server"]
+    assert _options(sglang["args"]) == {
+        "--model-path": "/mnt/models", "--served-model-name": "Qwen_Coder", "--port": "8000",
+        "--host": "0.0.0.0", "--tp-size": "2", "--context-length": "8192",
+    }  # fmt: skip
+    vllm = llama["spec"]["template"]["containers"][0]
+    assert vllm["command"] == ["vllm", "serve", "/mnt/models"]
+    assert _options(vllm["args"]) == {
+        "--served-model-name": "llama-3", "--port": "8000", "--host": "0.0.0.0",
+        "--tensor-parallel-size": "2",
+    }  # fmt: skip

@@ -20,6 +20,9 @@ with warnings.catch_warnings():  # its import warns about CUDA-only kernels: not
 
 from backends.contract import env, routes
 from backends.sglang import DEFAULT_COMMAND
+from config.export import MODEL_DIR, command_line
+from config.export import PORT as KSERVE_PORT
+from config.models import ModelSpec
 from tests.contract import fake
 from tests.contract.asgi import unserved
 from tests.contract.launches import PORT, flags, launches
@@ -95,3 +98,19 @@ def test_the_memory_saver_behind_on_idle_sleep_is_installed_with_sglang() -> Non
 
     assert TorchMemorySaverAdapter.create(enable=True).enabled is True
     assert TorchMemorySaverAdapter.create(enable=False).enabled is False  # what the routes use without it
+
+
+def test_the_exported_kserve_command_line_runs_the_model_kserve_mounts_at_its_port() -> None:
+    """`python main.py export kserve`: issue 25 found the container ran `python -m
+    sglang.launch_server` with no --model-path and no --port; SGLang also listens on loopback
+    unless told otherwise, out of reach of KServe's probes."""
+    for tensor in (1, 2):
+        entry = {"name": "m", "backend": "sglang", "model_path": "org/model", "served_model_name": "served",
+                 "args": ["--context-length", "4096"]}  # fmt: skip
+        spec = ModelSpec.model_validate(entry)
+        command, argv = command_line(spec, tensor)
+        assert command == ["python", *DEFAULT_COMMAND[1:]]
+        args = prepare_server_args(argv)
+        assert (args.model_path, args.port, args.host) == (MODEL_DIR, KSERVE_PORT, "0.0.0.0")
+        assert args.served_model_name == "served" and args.tp_size == tensor
+        assert args.context_length == 4096

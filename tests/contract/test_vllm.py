@@ -24,6 +24,9 @@ from vllm.utils.argparse_utils import FlexibleArgumentParser  # noqa: E402
 
 from backends.contract import env, routes  # noqa: E402
 from backends.vllm import DEFAULT_COMMAND  # noqa: E402
+from config.export import MODEL_DIR, command_line  # noqa: E402
+from config.export import PORT as KSERVE_PORT  # noqa: E402
+from config.models import ModelSpec  # noqa: E402
 from tests.contract import fake  # noqa: E402
 from tests.contract.asgi import unserved  # noqa: E402
 from tests.contract.launches import PORT, flags, launches  # noqa: E402
@@ -146,3 +149,18 @@ def test_the_fake_accepts_no_flag_and_serves_no_route_the_real_engine_lacks(
         apps = [app_for(kind, ["m", "--enable-sleep-mode"], dev_mode, monkeypatch) for kind in TASKS]
         lacking = [route for route in served if all(unserved(app, [route]) for app in apps)]
         assert lacking == [], f"dev mode {dev_mode}"
+
+
+def test_the_exported_kserve_command_line_runs_the_model_kserve_mounts_at_its_port() -> None:
+    """`python main.py export kserve`: the container runs `vllm serve /mnt/models ...`."""
+    for tensor in (1, 2):
+        entry = {"name": "m", "backend": "vllm", "model_path": "org/model", "served_model_name": "served",
+                 "args": ["--max-model-len", "4096"]}  # fmt: skip
+        spec = ModelSpec.model_validate(entry)
+        command, argv = command_line(spec, tensor)
+        assert command[:2] == ["vllm", "serve"]
+        args = parser().parse_args([*command[2:], *argv])
+        validate_parsed_serve_args(args)
+        assert (args.model_tag, args.port, args.host) == (MODEL_DIR, KSERVE_PORT, "0.0.0.0")
+        assert args.served_model_name == ["served"] and args.tensor_parallel_size == tensor
+        assert args.max_model_len == 4096
