@@ -35,6 +35,7 @@ class LaunchContext:
     sglang_max_total_tokens: int = 0
     gpu_ids: tuple[int, ...] = ()  # where placement put it (CUDA_VISIBLE_DEVICES); () = the spec's gpu_id
     host: str = LOOPBACK  # the address it binds: loopback here, a node's private IP on Ray
+    uds: str | None = None  # a Unix socket to serve on instead (host and port then unused)
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,9 @@ class Backend(Protocol):
     liveness_path: str
     # None: the engine cannot sleep (models.yaml refuses `on_idle: sleep` for it).
     sleep_routes: SleepRoutes | None
+    # It can serve on a Unix socket (LaunchContext.uds): a local engine then has no port that
+    # other local users could reach.
+    unix_socket: bool
 
     def launch(self, spec: ModelSpec, ctx: LaunchContext) -> LaunchSpec: ...
 

@@ -16,6 +16,7 @@ class LlamaCppBackend:
     # answer means ready; /openapi.json takes no lock (a generation holds one).
     readiness_path = "/openapi.json"
     liveness_path = "/openapi.json"
+    unix_socket = False  # no such option in its server
     sleep_routes: SleepRoutes | None = None  # llama-cpp-python's server cannot free its memory
 
     def launch(self, spec: ModelSpec, ctx: LaunchContext) -> LaunchSpec:

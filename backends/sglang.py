@@ -24,6 +24,7 @@ class SGLangBackend:
     liveness_path = "/health"
     # With --enable-memory-saver; the routes exist without it too, but then free nothing
     # (a no-op memory saver). Their body is a ReleaseMemoryOccupationReqInput: {} = all.
+    unix_socket = False  # no such option in its server
     sleep_routes: SleepRoutes | None = SleepRoutes(
         "/release_memory_occupation", "/resume_memory_occupation", {}
     )

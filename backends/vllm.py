@@ -27,11 +27,18 @@ class VLLMBackend:
     # Level 1: weights to CPU memory, KV cache dropped. The routes exist only with
     # VLLM_SERVER_DEV_MODE=1, and work only with --enable-sleep-mode.
     sleep_routes: SleepRoutes | None = SleepRoutes("/sleep?level=1", "/wake_up")
+    # `--uds PATH`: its key guards only /v1 (and /v2, /inference, /cohere); /invocations,
+    # /tokenize, /pooling and, in dev mode (sleep), /collective_rpc, /update_weights and
+    # twenty more answer anyone who can connect. On a socket in the daemon's 0700 directory
+    # that is the daemon alone (docs/engine-security.md).
+    unix_socket = True
 
     def launch(self, spec: ModelSpec, ctx: LaunchContext) -> LaunchSpec:
         argv = [*(ctx.command or DEFAULT_COMMAND), ctx.model_path]
-        # vLLM binds all interfaces unless told otherwise.
-        argv += ["--host", ctx.host, "--port", str(ctx.port)]
+        if ctx.uds:  # host and port are then ignored: it serves on the socket alone
+            argv += ["--uds", ctx.uds]
+        else:  # vLLM binds all interfaces unless told otherwise
+            argv += ["--host", ctx.host, "--port", str(ctx.port)]
         argv += ["--served-model-name", spec.served_name]
         if spec.format == "awq":
             argv += ["--quantization", "awq"]

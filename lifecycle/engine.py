@@ -272,6 +272,7 @@ class Engine:
             wakes=self.wakes,
             placement=self.process.kind,
             host=self.process.host if self.process.port is not None else None,
+            socket=self.process.socket,
             node=self.process.node_id,
         )
 
@@ -385,6 +386,9 @@ class Engine:
                     self._check_backoff(force)
                 self._abort = asyncio.Event()  # before the task exists: a stop may set it at once
                 wake = self._state is EngineState.SLEEPING
+                # Now, not when the task first runs: a caller refused in this very step is told
+                # how long the start should take (ready_in).
+                self._coming = ("wake" if wake else "start", time.monotonic())
                 task = self._begin(self._run_wake() if wake else self._run_start())
             self.waiting += 1
             try:
@@ -598,7 +602,6 @@ class Engine:
 
     async def _run_start(self) -> None:
         began = time.monotonic()
-        self._coming = ("start", began)
         if self.process.kind != self.spec.placement:  # a reload moved it (it is stopped)
             self.process = self._placement(self.spec)
         await self.process.place(self.spec, self._override)  # a Ray node with room (local: here)
@@ -734,7 +737,6 @@ class Engine:
         """SLEEPING -> WAKING -> READY once it has room again. A wake that fails stops the
         engine; the request that woke it then starts it afresh (ensure_ready loops)."""
         began = time.monotonic()
-        self._coming = ("wake", began)
         await self._place(began)
         routes = self._sleep_routes  # the entry cannot change while asleep: a change stops it
         assert routes is not None

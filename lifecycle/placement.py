@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -30,6 +31,7 @@ from lifecycle.process import (
 )
 from lifecycle.services import EngineServices
 from lifecycle.state import EngineStartError
+from router.address import unix_url
 
 READY_POLL_INTERVAL = 0.025  # seconds between readiness probes during a start
 PROBE_TIMEOUT = 2.0
@@ -57,6 +59,7 @@ class Placement:
         self.host = LOOPBACK  # where it listens
         self.node_id: str | None = None  # the Ray node it runs on (Ray placement only)
         self.port: int | None = None
+        self.socket: str | None = None  # the Unix socket it serves on instead of a port
         self.api_key: str | None = None  # this launch's key; only the daemon knows it
         self.keep_alive = 0.0  # how long this launch keeps an idle connection open
 
@@ -66,6 +69,8 @@ class Placement:
 
     @property
     def base_url(self) -> str:
+        if self.socket is not None:
+            return unix_url(self.socket)
         return f"http://{self.host}:{self.port}"
 
     def exit_code(self) -> int | None:
@@ -134,9 +139,9 @@ class Placement:
         base_env: Mapping[str, str],
     ) -> LaunchContext:  # fmt: skip
         settings = self._services.settings
-        assert self.port is not None
         return LaunchContext(
-            port=self.port,
+            port=self.port or 0,
+            uds=self.socket,
             host=self.host,
             model_path=model_path,
             base_env=base_env,
@@ -167,7 +172,7 @@ class LocalPlacement(Placement):
         self, spec: ModelSpec, backend: Backend, override: EngineOverride | None, gpu_ids: tuple[int, ...],
         fail: Fail,
     ) -> None:  # fmt: skip
-        self.port = spec.port or free_port()
+        self._listen(spec, backend)
         self.api_key = launch_key()
         try:
             model_path = await asyncio.to_thread(self._services.model_files.resolve, spec.model_path)
@@ -188,6 +193,17 @@ class LocalPlacement(Placement):
         self._pump = loop.create_task(pump_output(self._proc.output, self.log))
         self.exited = loop.create_task(self._proc.wait())
 
+    def _listen(self, spec: ModelSpec, backend: Backend) -> None:
+        """Where this launch listens: a fresh Unix socket in the daemon's private directory when
+        the engine can serve on one (a fixed `port` in models.yaml keeps TCP), else a port."""
+        socket_dir = self._services.socket_dir
+        if backend.unix_socket and spec.port is None and socket_dir is not None:
+            path = socket_dir / f"{secrets.token_hex(6)}.sock"
+            path.unlink(missing_ok=True)  # the engine would not bind over a file left there
+            self.socket, self.port = str(path), None
+        else:
+            self.socket, self.port = None, spec.port or free_port()
+
     async def terminate(self) -> None:
         """Stop the process group (SIGTERM, grace, SIGKILL) and forget the process."""
         proc, self._proc = self._proc, None
@@ -206,8 +222,11 @@ class LocalPlacement(Placement):
             self._pump = None
         if proc is not None:
             proc.close_output()
+        if self.socket is not None:  # the engine leaves its socket file behind
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.socket)
         self.exited = None
-        self.port = None
+        self.port = self.socket = None
 
     async def await_ready(
         self, path: str, deadline: float, timeout: float, abort: asyncio.Event, fail: Fail,

@@ -25,3 +25,4 @@ class EngineServices:
     events: EngineEvents = field(default_factory=NoEvents)
     budget: GpuBudget | None = None  # GPU placement; None: GPU engines start unplaced
     cluster: RayCluster | None = None  # where `placement: ray` engines run (models.yaml `cluster:`)
+    socket_dir: Path | None = None  # the daemon's own 0700 directory for engines' Unix sockets

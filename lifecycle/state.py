@@ -119,6 +119,7 @@ class EngineStatus:
     placement: str = "local"  # local | ray
     host: str | None = None  # the address it listens on while it runs (a node's IP on Ray)
     node: str | None = None  # the Ray node it runs on
+    socket: str | None = None  # the Unix socket it serves on (a local vLLM engine), port then None
 
 
 class EngineEvents(Protocol):

@@ -34,6 +34,7 @@ from typing import cast
 
 import httptools
 
+from router.address import UNIX
 from router.errors import ResponseTooLarge
 from router.ticker import Ticker
 
@@ -297,7 +298,8 @@ class EngineResponse:
 
 
 class EngineClient:
-    """Pooled keep-alive connections to engines, keyed by (host, port)."""
+    """Pooled keep-alive connections to engines, keyed by (host, port), or (socket path, UNIX)
+    for an engine on a Unix socket."""
 
     def __init__(self, ticker: Ticker) -> None:
         self.ticker = ticker
@@ -318,13 +320,17 @@ class EngineClient:
 
     async def _connect(self, key: tuple[str, int], timeout: float) -> _Connection:
         loop = asyncio.get_running_loop()
+        where = f"{key[0]}:{key[1]}" if key[1] != UNIX else f"unix:{key[0]}"
         try:
             async with asyncio.timeout(timeout):
-                _, conn = await loop.create_connection(lambda: _Connection(self, key), key[0], key[1])
+                if key[1] == UNIX:
+                    _, conn = await loop.create_unix_connection(lambda: _Connection(self, key), key[0])
+                else:
+                    _, conn = await loop.create_connection(lambda: _Connection(self, key), key[0], key[1])
         except TimeoutError as exc:
-            raise EngineConnectError(f"no connection to {key[0]}:{key[1]} within {timeout:g}s") from exc
+            raise EngineConnectError(f"no connection to {where} within {timeout:g}s") from exc
         except OSError as exc:
-            raise EngineConnectError(f"cannot connect to {key[0]}:{key[1]}: {exc}") from exc
+            raise EngineConnectError(f"cannot connect to {where}: {exc}") from exc
         return conn
 
     def _reuse(self, key: tuple[str, int]) -> _Connection | None:
@@ -392,6 +398,7 @@ class EngineClient:
 
 def request_head(method: str, host: str, port: int, path: str, headers: dict[str, str]) -> bytes:
     """The fixed part of a request: request line, Host and the given headers (no blank line)."""
-    lines = [f"{method} {path} HTTP/1.1", f"Host: {host}:{port}"]
+    lines = [f"{method} {path} HTTP/1.1", f"Host: {host}:{port}" if port != UNIX else "Host: localhost"]
     lines += [f"{name}: {value}" for name, value in headers.items()]
     return ("\r\n".join(lines) + "\r\n").encode("latin-1")
+

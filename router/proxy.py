@@ -17,6 +17,7 @@ import math
 import urllib.parse
 
 from config.models import Timeouts
+from router.address import UNIX, UNIX_SCHEME
 from router.engine_client import EngineClient, EngineConnectError, request_head
 from router.errors import BackendConnectFailed, BackendTimeout, BackendUnavailable, RouterError, ShuttingDown
 from router.relay import Relay
@@ -92,9 +93,13 @@ class Upstream:
 
 @functools.lru_cache(maxsize=256)
 def _request_head(base_url: str, path: str, api_key: str) -> tuple[str, int, bytes]:
-    """Host, port and the constant part of every request to one engine launch's path."""
+    """Host, port and the constant part of every request to one engine launch's path. An engine
+    on a Unix socket is `http+unix://<the socket's path, percent-encoded>` (port UNIX)."""
     url = urllib.parse.urlsplit(base_url)
-    host, port = url.hostname or "127.0.0.1", url.port or 80
+    if url.scheme == UNIX_SCHEME:
+        host, port = urllib.parse.unquote(url.netloc), UNIX
+    else:
+        host, port = url.hostname or "127.0.0.1", url.port or 80
     headers = {"Content-Type": "application/json", "Accept-Encoding": "identity"}
     if api_key:
         headers["Authorization"] = f"Bearer {api_key}"

@@ -1,7 +1,7 @@
 """A stand-in for the GPU engines: a real process serving the OpenAI API.
 
     python tests/fake_engine.py sglang   --model-path M --host H --port P ...
-    python tests/fake_engine.py vllm     M --host H --port P ...
+    python tests/fake_engine.py vllm     M --host H --port P ...   (or --uds PATH)
     python tests/fake_engine.py llamacpp --model M --host H --port P ...
 
 Each dialect parses the real launcher's flag spellings strictly: a flag the
@@ -45,6 +45,7 @@ import base64
 import json
 import os
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -97,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     vl.add_argument("model")
     vl.add_argument("--host")
     vl.add_argument("--port", type=int, default=8000)
+    vl.add_argument("--uds")
     vl.add_argument("--served-model-name", nargs="+")
     vl.add_argument("-q", "--quantization", choices=["awq", "gptq", "fp8"])
     vl.add_argument("--runner", choices=["auto", "generate", "pooling"])
@@ -484,7 +486,7 @@ def keep_alive(dialect: str) -> int:
     return int(os.environ.get(variable, "5")) if variable else 5  # int(): the engines' own parse
 
 
-async def serve(engine: FakeEngine, host: str, port: int) -> None:
+async def serve(engine: FakeEngine, host: str, port: int, uds: str | None = None) -> None:
     # Like SGLang, abort a request whose client went away (streaming or not).
     runner = web.AppRunner(
         engine.app(),
@@ -494,9 +496,17 @@ async def serve(engine: FakeEngine, host: str, port: int) -> None:
         keepalive_timeout=keep_alive(engine.args.dialect),
     )
     await runner.setup()
-    site = web.TCPSite(runner, host, port, reuse_address=True)
+    site: web.BaseSite
+    if uds:  # like vLLM's --uds: host and port ignored; a file already there fails the bind
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(uds)
+        site = web.SockSite(runner, sock)
+        where = f"unix:{uds}"
+    else:
+        site = web.TCPSite(runner, host, port, reuse_address=True)
+        where = f"{host}:{port}"
     await site.start()
-    print(f"fake engine '{engine.name}' ({engine.args.dialect}) serving on {host}:{port}", flush=True)
+    print(f"fake engine '{engine.name}' ({engine.args.dialect}) serving on {where}", flush=True)
     stop = asyncio.Event()
     if not engine.knobs.ignore_sigterm:
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
@@ -523,7 +533,7 @@ def main(argv: list[str]) -> int:
         return 1
     host = args.host or "0.0.0.0"
     try:
-        asyncio.run(serve(FakeEngine(args, knobs, gpu), host, args.port))
+        asyncio.run(serve(FakeEngine(args, knobs, gpu), host, args.port, getattr(args, "uds", None)))
     finally:
         gpu.release()
     return 0

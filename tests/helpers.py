@@ -59,6 +59,32 @@ def engine_up(url: str) -> bool:
         return False
 
 
+def engine_request(
+    row: dict[str, Any], method: str, path: str, timeout: float = 10.0, **kw: Any
+) -> httpx.Response:
+    """A request straight to an engine, by its /v1/status row: on its Unix socket (a local vLLM
+    engine), else at its host and port."""
+    if row.get("socket"):
+        with httpx.Client(transport=httpx.HTTPTransport(uds=row["socket"]), timeout=timeout) as c:
+            return c.request(method, "http://localhost" + path, **kw)
+    url = f"http://{row.get('host') or '127.0.0.1'}:{row['port']}{path}"
+    return httpx.request(method, url, timeout=timeout, **kw)
+
+
+def engine_get(row: dict[str, Any], path: str, timeout: float = 10.0) -> httpx.Response:
+    return engine_request(row, "GET", path, timeout)
+
+
+async def engine_aget(row: dict[str, Any], path: str, timeout: float = 10.0) -> httpx.Response:
+    """`engine_get` for async tests."""
+    if row.get("socket"):
+        transport = httpx.AsyncHTTPTransport(uds=row["socket"])
+        async with httpx.AsyncClient(transport=transport, timeout=timeout) as c:
+            return await c.get("http://localhost" + path)
+    async with httpx.AsyncClient(timeout=timeout) as c:
+        return await c.get(f"http://{row.get('host') or '127.0.0.1'}:{row['port']}{path}")
+
+
 def pid_alive(pid: int) -> bool:
     try:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE

@@ -1,6 +1,7 @@
 """A misbehaving engine: answers each request with raw bytes chosen by its prompt.
 
     python tests/scripted_engine.py sglang --port P [any other flags, ignored]
+    python tests/scripted_engine.py vllm --uds PATH [...]     (on a Unix socket, as vLLM is run)
 
 It stands in for no real engine: it is the peer that does what real engines
 should not (odd headers, gzip nobody asked for, answers cut mid-line or
@@ -180,9 +181,14 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
 
 
 async def main(argv: list[str]) -> None:
-    port = int(argv[argv.index("--port") + 1])
-    server = await asyncio.start_server(handle, "127.0.0.1", port)
-    print(f"scripted engine serving on 127.0.0.1:{port}", flush=True)
+    if "--uds" in argv:  # as the daemon launches vLLM, which it stands in for
+        path = argv[argv.index("--uds") + 1]
+        server = await asyncio.start_unix_server(handle, path)
+        print(f"scripted engine serving on unix:{path}", flush=True)
+    else:
+        port = int(argv[argv.index("--port") + 1])
+        server = await asyncio.start_server(handle, "127.0.0.1", port)
+        print(f"scripted engine serving on 127.0.0.1:{port}", flush=True)
     async with server:
         await server.serve_forever()
 

@@ -15,7 +15,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.helpers import Daemon, fake_model, registry_doc
+from tests.helpers import Daemon, engine_aget, fake_model, registry_doc
 
 pytestmark = pytest.mark.anyio
 
@@ -243,11 +243,11 @@ async def test_a_queued_client_that_leaves_is_gone_and_a_long_wait_gets_429(
         row = await status_row(c, "m")
 
         async def engine_has_all_three() -> bool:  # the daemon counts a lease before it forwards
-            stats = (await c.get(f"http://127.0.0.1:{row['port']}/fake/stats")).json()
+            stats = (await engine_aget(row, "/fake/stats")).json()
             return bool(stats["in_flight"] == 3)
 
         await until(engine_has_all_three, 10)
-        engine_requests = (await c.get(f"http://127.0.0.1:{row['port']}/fake/stats")).json()
+        engine_requests = (await engine_aget(row, "/fake/stats")).json()
         leaver = asyncio.create_task(ask(c, "b", "m", 10))
         await queued(c, "m", 1)
         leaver.cancel()  # the client closes its connection
@@ -259,7 +259,7 @@ async def test_a_queued_client_that_leaves_is_gone_and_a_long_wait_gets_429(
         assert await metric(c, 'unified_inference_admission_queue_exits_total{model="m",outcome="left"') == 1
         assert await metric(c, 'unified_inference_admission_queue_requests{model="m"') == 0
         assert (await status_row(c, "m"))["in_flight"] == 3
-        stats = (await c.get(f"http://127.0.0.1:{(await status_row(c, 'm'))['port']}/fake/stats")).json()
+        stats = (await engine_aget(await status_row(c, "m"), "/fake/stats")).json()
         assert stats["requests"] == engine_requests["requests"], "the engine never saw it"
 
         # Past its queue_timeout a request gets 429 with Retry-After, and nothing hangs.

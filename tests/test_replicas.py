@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 
 from tests.fake_gpu import Ledger
-from tests.helpers import Daemon, fake_model, registry_doc, wait_until
+from tests.helpers import Daemon, engine_get, fake_model, registry_doc, wait_until
 
 QUICK = {"FAKE_TOKEN_DELAY": "0.002"}  # a request takes a few milliseconds
 SLOW = {"FAKE_TOKEN_DELAY": "0.03"}
@@ -37,7 +37,7 @@ def ready_count(c: httpx.Client, model: str) -> int:
 
 def engine_requests(c: httpx.Client, model: str) -> list[int]:
     return [
-        httpx.get(f"http://127.0.0.1:{r['port']}/fake/stats", timeout=5).json()["requests"]
+        engine_get(r, "/fake/stats", timeout=5).json()["requests"]
         for r in replica_rows(c, model)
     ]
 

@@ -56,6 +56,7 @@ def test_health_models_status_install(daemon_for: Any) -> None:
             "placement",
             "host",
             "node",
+            "socket",
             "disabled",
         }
         rows = {r["name"]: r for r in status["models"]}

@@ -83,7 +83,11 @@ def test_request_errors(daemon: Daemon) -> None:
 def test_internal_engine_endpoints_are_not_reachable(daemon: Daemon) -> None:
     with daemon.client() as c:
         assert _complete(c, "ok").status_code == 200  # the engine is up and has /flush_cache
-        for path in ("/flush_cache", "/v1/flush_cache", "/release_memory_occupation", "/fake/stats"):
+        internal = (
+            "/flush_cache", "/v1/flush_cache", "/release_memory_occupation", "/fake/stats",
+            "/invocations", "/collective_rpc", "/update_weights", "/server_info", "/sleep",
+        )  # fmt: skip
+        for path in internal:
             _check(c.post(path, json={"model": "ok"}), 404, "NOT_FOUND", "invalid_request_error")
 
 

@@ -18,7 +18,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.helpers import Daemon, fake_model, registry_doc, wait_until
+from tests.helpers import Daemon, engine_get, fake_model, registry_doc, wait_until
 
 BIG = {"FAKE_TOKEN_BYTES": "65536", "FAKE_TOKENS": "400"}  # a 26 MB stream, far over every buffer
 DOC = registry_doc(
@@ -187,8 +187,7 @@ def test_a_client_that_never_reads_frees_its_engine_slot(daemon: Daemon) -> None
         wait_until(lambda: _row(daemon, "big")["in_flight"] == 1, timeout=10)
         wait_until(lambda: _row(daemon, "big")["in_flight"] == 0, timeout=10)
         with daemon.client() as c:
-            port = _row(daemon, "big")["port"]
-            stats = httpx.get(f"http://127.0.0.1:{port}/fake/stats").json()
+            stats = engine_get(_row(daemon, "big"), "/fake/stats").json()
             assert stats["cancelled"] == 1 and stats["in_flight"] == 0
             assert stats["tokens_sent"] < 400
             body = {"model": "big", "prompt": "x", "max_tokens": 2}
@@ -237,8 +236,8 @@ def test_backpressure_holds_the_engine_back_while_the_client_does_not_read(daemo
     assert daemon.proc is not None
     steps = _paused_stream(daemon, 2.0)
     next(steps)
-    port = _row(daemon, "big")["port"]
-    sent = _settled(lambda: int(httpx.get(f"http://127.0.0.1:{port}/fake/stats").json()["tokens_sent"]))
+    row = _row(daemon, "big")
+    sent = _settled(lambda: int(engine_get(row, "/fake/stats").json()["tokens_sent"]))
     rss = psutil.Process(daemon.proc.pid).memory_info().rss
     assert sent < 300, f"the engine sent {sent} of 400 tokens to a client that reads nothing"
     assert rss < 150 * 2**20

@@ -22,7 +22,7 @@ import psutil
 import pytest
 import yaml
 
-from tests.helpers import FAKE_ENGINES, Daemon, fake_model, wait_until
+from tests.helpers import FAKE_ENGINES, Daemon, engine_get, fake_model, wait_until
 
 SCRIPTED = Path(__file__).resolve().parent.parent / "scripted_engine.py"
 TIGHT = "sk-tight-0123456789"  # 10 tokens a minute
@@ -259,11 +259,8 @@ def test_only_the_daemons_own_headers_reach_the_engine(daemon: Daemon) -> None:
                    "Proxy-Authorization": "Basic eA==", "X-Request-ID": "req-42"}  # fmt: skip
         body = {"model": "f", "prompt": "x", "max_tokens": 1}
         assert c.post("/v1/completions", json=body, headers=headers).status_code == 200
-        port = _row(c, "f")["port"]
-    seen = {
-        k.lower(): v
-        for k, v in httpx.get(f"http://127.0.0.1:{port}/fake/stats").json()["last_headers"].items()
-    }
+        row = _row(c, "f")
+    seen = {k.lower(): v for k, v in engine_get(row, "/fake/stats").json()["last_headers"].items()}
     assert set(seen) == {"host", "content-type", "authorization", "x-request-id", "content-length",
                          "accept-encoding"}, seen  # fmt: skip
     assert seen["x-request-id"] == "req-42" and seen["accept-encoding"] == "identity"

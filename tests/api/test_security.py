@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from api.auth import Authenticator
 from config.keys import digest, load_keys
 from config.models import ConfigError
 from router.errors import Forbidden, Unauthorized
-from tests.helpers import Daemon, fake_model, registry_doc
+from tests.helpers import Daemon, engine_request, fake_model, registry_doc
 
 ALICE, BOB, CAROL, ADMIN = (
     "sk-alice-0123456789",
@@ -147,13 +148,36 @@ def test_concurrency_and_compute_limits(daemon: Daemon) -> None:
 def test_engines_refuse_requests_without_their_launch_key(daemon: Daemon) -> None:
     with daemon.client() as c:
         for model in ("cpu", "gpu", "slow"):  # llama.cpp (API_KEY), vLLM (VLLM_API_KEY), SGLang (--api-key)
-            port = c.post(f"/v1/admin/models/{model}/start", headers=_as(ADMIN)).json()["port"]
+            row = c.post(f"/v1/admin/models/{model}/start", headers=_as(ADMIN)).json()
             body = {"model": model, "prompt": "x", "max_tokens": 1}
-            direct = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body)
+            direct = engine_request(row, "POST", "/v1/completions", json=body)
             assert direct.status_code == 401, model
-            guessed = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body, headers=_as(PLAIN))
+            guessed = engine_request(row, "POST", "/v1/completions", json=body, headers=_as(PLAIN))
             assert guessed.status_code == 401, model
             assert _post(c, PLAIN, model=model).status_code == 200
+
+
+def test_a_local_vllm_engine_has_no_port_only_a_socket_in_the_daemons_own_directory(daemon: Daemon) -> None:
+    """Issue 25, defect 8: vLLM's key guards /v1 (/v2, /inference, /cohere) only; its other routes
+    (and in dev mode, for sleep, /collective_rpc, /update_weights and more) answer anyone who can
+    connect, and any local user can connect to a loopback port. On a Unix socket in a 0700
+    directory of the daemon's, only the daemon (its user) can."""
+    with daemon.client() as c:
+        row = c.post("/v1/admin/models/gpu/start", headers=_as(ADMIN)).json()
+    assert row["port"] is None and row["host"] is None and row["socket"]
+    sock = Path(row["socket"])
+    assert sock.is_socket() and len(str(sock)) < 108
+    folder = sock.parent.stat()
+    assert folder.st_mode & 0o777 == 0o700 and folder.st_uid == os.getuid()
+    engine = psutil.Process(row["pid"])
+    tcp = [conn for conn in engine.net_connections(kind="inet") if conn.status == psutil.CONN_LISTEN]
+    assert tcp == [], "it listens on no TCP port at all"
+    # Through its socket it is still the engine it was: its key still guards /v1.
+    assert engine_request(row, "GET", "/health").status_code == 200
+    assert engine_request(row, "GET", "/v1/models").status_code == 401
+    with daemon.client() as c:
+        assert c.post("/v1/admin/models/gpu/stop", headers=_as(ADMIN)).status_code == 200
+    assert not sock.exists(), "its socket file goes with it"
 
 
 def test_no_key_appears_in_any_log(daemon: Daemon) -> None:

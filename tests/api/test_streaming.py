@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.helpers import Daemon, fake_model, registry_doc
+from tests.helpers import Daemon, engine_aget, fake_model, registry_doc
 
 pytestmark = pytest.mark.anyio
 
@@ -130,22 +130,19 @@ async def test_the_daemon_keeps_its_connections_to_an_engine(daemon: Daemon) -> 
 
 
 async def _engine_stats(c: httpx.AsyncClient, model: str) -> dict[str, Any]:
-    port = (await _status(c, model))["port"]
-    async with httpx.AsyncClient(timeout=5) as engine:
-        stats: dict[str, Any] = (await engine.get(f"http://127.0.0.1:{port}/fake/stats")).json()
+    stats: dict[str, Any] = (await engine_aget(await _status(c, model), "/fake/stats", timeout=5)).json()
     return stats
 
 
 async def _engine_saw_one_cancel(c: httpx.AsyncClient, model: str) -> None:
     """The engine itself stopped the request: one cancelled, none in flight."""
-    port = (await _status(c, model))["port"]
-    async with httpx.AsyncClient(timeout=5) as engine:
+    row = await _status(c, model)
 
-        async def saw_cancel() -> bool:
-            stats = (await engine.get(f"http://127.0.0.1:{port}/fake/stats")).json()
-            return bool(stats["cancelled"] == 1 and stats["in_flight"] == 0)
+    async def saw_cancel() -> bool:
+        stats = (await engine_aget(row, "/fake/stats", timeout=5)).json()
+        return bool(stats["cancelled"] == 1 and stats["in_flight"] == 0)
 
-        await _poll(saw_cancel, timeout=5)
+    await _poll(saw_cancel, timeout=5)
 
 
 async def _in_flight_is(c: httpx.AsyncClient, name: str, n: int) -> bool:

@@ -291,6 +291,13 @@ def test_ray_placement_fields_are_checked() -> None:
         "models[2] 'c': model_path: pypi: models are assembled on the daemon's host; a Ray model needs a "
         "hub id or a path every node can read",
     ]
+    # Issue 25, defect 8: vLLM's dev mode (for sleep) opens key-less routes; on a Ray node, to the network.
+    sleepy = {**_m("v", placement="ray", on_idle="sleep"), "backend": "vllm"}
+    assert _problems({"cluster": cluster, "models": [sleepy]}) == [
+        "models[0] 'v': on_idle: sleep needs vLLM's dev mode, whose routes (/collective_rpc, /update_weights "
+        "and more) answer without its key; on a Ray node they would be open to the cluster's network "
+        "(docs/engine-security.md): use on_idle: stop"
+    ]
     ok = parse_registry(
         {"cluster": cluster, "models": [_m("d", placement="ray", tensor_parallel_size=2)]}, SRC
     )

@@ -12,6 +12,7 @@ from backends.registry import backend_for
 from config.models import ModelSpec
 
 PORT = 31234
+SOCKET = "/tmp/unified-inference-test/0123456789ab.sock"
 KEY = "0123456789abcdef" * 3
 
 
@@ -45,14 +46,17 @@ def _types(backend: str) -> tuple[str, ...]:
 
 def launches(backend: str) -> Iterator[Launch]:
     """backend x model type x format x tensor parallel x API key x served name x memory share
-    x sleep x the model's own keep-alive: every combination the daemon can produce."""
+    x sleep x a Unix socket (where the engine can serve on one) x the model's own keep-alive:
+    every combination the daemon can produce."""
     formats = ("gguf",) if backend == "llamacpp" else ("hf", "awq")
     gpu = backend != "llamacpp"
+    sockets = (None, SOCKET) if backend_for(backend).unix_socket else (None,)
     choices = itertools.product(
         _types(backend), formats, ((), (0,), (0, 1)) if gpu else ((),), (None, KEY),
         (None, "served-name"), (None, 0.45) if gpu else (None,), ("stop", "sleep") if gpu else ("stop",),
+        sockets,
     )  # fmt: skip
-    for kind, fmt, gpus, key, served, share, on_idle in choices:
+    for kind, fmt, gpus, key, served, share, on_idle, uds in choices:
         entry: dict[str, Any] = {
             "name": "m", "type": kind, "backend": backend, "format": fmt,
             "model_path": "/models/m.gguf" if backend == "llamacpp" else "org/model",
@@ -62,8 +66,8 @@ def launches(backend: str) -> Iterator[Launch]:
             entry = {k: v for k, v in entry.items() if k not in ("gpu_memory", "on_idle")}
         spec = ModelSpec.model_validate(entry)
         ctx = LaunchContext(
-            port=PORT, model_path=spec.model_path, base_env={"PATH": "/usr/bin"}, api_key=key, gpu_ids=gpus,
-            sglang_max_total_tokens=4096 if key else 0,
+            port=0 if uds else PORT, uds=uds, model_path=spec.model_path, base_env={"PATH": "/usr/bin"},
+            api_key=key, gpu_ids=gpus, sglang_max_total_tokens=4096 if key else 0,
         )  # fmt: skip
         yield Launch(spec, ctx, backend_for(backend).launch(spec, ctx))
 

@@ -7,7 +7,9 @@ parser needs the platform set first, else "Failed to infer device type".
 from __future__ import annotations
 
 import importlib.util
+import re
 import types
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -79,7 +81,10 @@ def test_the_real_parser_reads_every_launch_line_as_meant() -> None:
         args = p.parse_args(launch.argv)
         validate_parsed_serve_args(args)
         assert args.model_tag == spec.model_path
-        assert (args.host, args.port) == ("127.0.0.1", PORT)
+        if launch.ctx.uds:  # vLLM then serves on the socket alone (host and port ignored)
+            assert args.uds == launch.ctx.uds and not {"--host", "--port"} & flags(launch.argv)
+        else:
+            assert (args.host, args.port, args.uds) == ("127.0.0.1", PORT, None)
         assert args.served_model_name == [spec.served_name]
         assert args.tensor_parallel_size == max(1, len(gpus))
         assert args.gpu_memory_utilization == (spec.gpu_memory or default_share)
@@ -90,7 +95,7 @@ def test_the_real_parser_reads_every_launch_line_as_meant() -> None:
         assert (launch.env.get("VLLM_API_KEY") is not None) is (launch.ctx.api_key is not None)
         assert (launch.env.get("VLLM_SERVER_DEV_MODE") == "1") is (spec.on_idle == "sleep")
         seen += 1
-    assert seen == 288
+    assert seen == 576
 
 
 def test_a_misspelt_flag_is_refused_by_the_real_parser() -> None:
@@ -164,3 +169,25 @@ def test_the_exported_kserve_command_line_runs_the_model_kserve_mounts_at_its_po
         assert (args.model_tag, args.port, args.host) == (MODEL_DIR, KSERVE_PORT, "0.0.0.0")
         assert args.served_model_name == ["served"] and args.tensor_parallel_size == tensor
         assert args.max_model_len == 4096
+
+
+def _route_set(app: Any) -> set[tuple[str, str]]:
+    found = set()
+    for route in app.router.routes:
+        for method in getattr(route, "methods", None) or ():
+            if method != "HEAD":
+                found.add((method, route.path))
+    return found
+
+
+def test_the_dev_mode_routes_listed_in_the_docs_are_vllms(monkeypatch: pytest.MonkeyPatch) -> None:
+    """docs/engine-security.md lists what VLLM_SERVER_DEV_MODE=1 adds (issue 25, defect 8): the
+    same set as vLLM's own app, launched as the daemon launches a model for sleep."""
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "engine-security.md").read_text()
+    table = doc.split("<!-- vllm-dev-mode-routes")[1].split("\n\n")[0]
+    listed = {(m, p.strip("`")) for m, p in re.findall(r"^\| (GET|POST) \| (`[^`]+`) \|", table, re.M)}
+    argv = ["m", "--enable-sleep-mode"]
+    plain = _route_set(app_for("llm", argv, dev_mode=False, monkeypatch=monkeypatch))
+    monkeypatch.undo()
+    dev = _route_set(app_for("llm", argv, dev_mode=True, monkeypatch=monkeypatch))
+    assert len(listed) == 23 and dev - plain == listed
