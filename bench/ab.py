@@ -45,6 +45,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--duration", type=float, default=4.0, help="seconds per cell")
     p.add_argument("--streams", type=int, default=0, help="also N concurrent streams of 64 tokens: TTFT p50")
+    p.add_argument("--backend", choices=["sglang", "vllm"], default="sglang",
+                   help="the fake engine's dialect (vllm: a local engine on a Unix socket)")  # fmt: skip
     p.add_argument(
         "--instructions",
         type=int,
@@ -75,11 +77,13 @@ def main(argv: list[str] | None = None) -> int:
         try:
             sides = {}
             for name, root in (("base", base_tree), ("new", ROOT)):
-                models = [FAST, STREAM] if args.streams else [FAST]
+                chosen = [FAST, STREAM] if args.streams else [FAST]
+                models = [{**m, "backend": args.backend} for m in chosen]
                 daemon = start_daemon(work / name, models, root=root, OFFLOAD_QUEUE_THRESHOLD="1000000")
                 procs.append(daemon)
                 for model in models:  # see bench/run.py: an engine's first client
-                    scenarios.touch(*engine_url(daemon, str(model["name"])))
+                    if args.backend == "sglang":  # (its key is on its command line)
+                        scenarios.touch(*engine_url(daemon, str(model["name"])))
                 sides[name] = Target(name, daemon.url, "fast")
             for target in sides.values():
                 scenarios.rate(target, 32, 1.0)  # warm-up
@@ -109,13 +113,16 @@ def main(argv: list[str] | None = None) -> int:
                 proc.stop()
             if args.instructions and instructions.available():
                 for name, root in (("base", base_tree), ("new", ROOT)):
-                    count[name] = instructions.per_request(root, work / f"cg-{name}", args.instructions)
+                    count[name] = instructions.per_request(
+                        root, work / f"cg-{name}", args.instructions, args.backend
+                    )
         finally:
             for proc in procs:
                 proc.stop()
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(base_tree)],
                            check=False, capture_output=True)  # fmt: skip
-    print(f"base = {args.base}, new = this tree; medians of {args.rounds} rounds of {args.duration:g} s")
+    print(f"base = {args.base}, new = this tree, {args.backend} engines; "
+          f"medians of {args.rounds} rounds of {args.duration:g} s")  # fmt: skip
     rows = {
         "req/s, 32 conns": {n: statistics.median(cells[n][32]) for n in sides},
         "req/s, 1 conn": {n: statistics.median(cells[n][1]) for n in sides},

@@ -26,11 +26,11 @@ def available() -> bool:
     return shutil.which("valgrind") is not None and shutil.which("callgrind_control") is not None
 
 
-def per_request(root: Path, work: Path, requests: int = 300) -> float:
+def per_request(root: Path, work: Path, requests: int = 300, backend: str = "sglang") -> float:
     """Instructions the daemon from source tree `root` executes per request (its whole process)."""
     work.mkdir(parents=True, exist_ok=True)
     doc = {
-        "models": [{"name": "fast", "backend": "sglang", "model_path": "org/fast"}],
+        "models": [{"name": "fast", "backend": backend, "model_path": "org/fast"}],
         "engines": FAKE_ENGINES,
     }
     (work / "models.yaml").write_text(yaml.safe_dump(doc))
