@@ -26,9 +26,9 @@ Invariants (the reasons are peers' bugs, see ANCHORS.md):
 - A GPU engine is placed (lifecycle/budget.py) inside its start or wake
   transition, before it takes any memory; `placed` holds its reservation
   until its process group is gone or it sleeps. A process is bound to the
-  GPUs it was launched on (`bound`), so a wake is placed on those alone. Waiting for room happens in
-  the state it had (STOPPED, FAILED, SLEEPING), so a failed placement
-  changes nothing but the answer (429 GPU_OVERLOADED).
+  GPUs it was launched on (`bound`), so a wake is placed on those alone.
+  Waiting for room happens in the state it had (STOPPED, FAILED, SLEEPING),
+  so a failed placement changes nothing but the answer (429 GPU_OVERLOADED).
 - Sleep and eviction only ever take an idle engine (`evictable`): a lease
   taken first makes it not evictable in the same step.
 """
@@ -780,6 +780,9 @@ class Engine:
         aborted = asyncio.ensure_future(abort.wait())
         try:
             await asyncio.wait({answer, aborted}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:  # this task cancelled (the daemon exits): the call goes too
+            answer.cancel()
+            raise
         finally:
             aborted.cancel()
         if answer.done():

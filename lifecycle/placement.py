@@ -60,6 +60,7 @@ class Placement:
         self.node_id: str | None = None  # the Ray node it runs on (Ray placement only)
         self.port: int | None = None
         self.socket: str | None = None  # the Unix socket it serves on instead of a port
+        self._socket_url = ""  # its base URL, made once per launch (read on every request)
         self.api_key: str | None = None  # this launch's key; only the daemon knows it
         self.keep_alive = 0.0  # how long this launch keeps an idle connection open
 
@@ -70,7 +71,7 @@ class Placement:
     @property
     def base_url(self) -> str:
         if self.socket is not None:
-            return unix_url(self.socket)
+            return self._socket_url
         return f"http://{self.host}:{self.port}"
 
     def exit_code(self) -> int | None:
@@ -201,6 +202,7 @@ class LocalPlacement(Placement):
             path = socket_dir / f"{secrets.token_hex(6)}.sock"
             path.unlink(missing_ok=True)  # the engine would not bind over a file left there
             self.socket, self.port = str(path), None
+            self._socket_url = unix_url(self.socket)
         else:
             self.socket, self.port = None, spec.port or free_port()
 
@@ -225,6 +227,7 @@ class LocalPlacement(Placement):
         if self.socket is not None:  # the engine leaves its socket file behind
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.socket)
+            await self._services.prober.forget(self.socket)
         self.exited = None
         self.port = self.socket = None
 
