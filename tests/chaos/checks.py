@@ -89,7 +89,7 @@ class Event:
 CAUSES = {
     "BACKEND_UNAVAILABLE": ({"kill", "kill_starting", "stop", "restart", "reload"}, 1.0),
     "SHUTTING_DOWN": ({"restart", "stop"}, 1.0),
-    "MODEL_UNAVAILABLE": ({"kill", "kill_starting", "stop", "restart", "reload", "squat"}, 65.0),
+    "MODEL_UNAVAILABLE": ({"kill", "kill_starting", "stop", "restart", "reload"}, 65.0),
     "BACKEND_TIMEOUT": ({"hang"}, 0.0),
 }
 ANY_MODEL = {"squat", "restart", "reload"}
@@ -120,6 +120,8 @@ def _explained(a: Answer, events: Sequence[Event], req: dict[str, Any]) -> bool:
     if a.code == "INVALID_HEADER":
         return req.get("priority") not in (None, "high", "normal", "low")
     kinds, before = CAUSES.get(a.code, (set(), 0.0))
+    if a.code == "MODEL_UNAVAILABLE" and "out of GPU memory" in str((a.error or {}).get("message")):
+        kinds = kinds | {"squat"}  # memory taken behind the daemon's back: said as such
     models = {a.model, a.served, *ALIAS_TARGETS.get(a.model, ())} - {""}
     begin, end = a.started - before, (a.ended or a.started) + 0.5
     return any(

@@ -68,6 +68,7 @@ def test_chaos(seed: int, tmp_path: Path) -> None:
         pytest.fail(
             f"chaos seed {seed} broke at step {failure.step} of {len(walk)}:\n  "
             + "\n  ".join(failure.problems[:10])
+            + "\nthe run's last steps:\n" + "\n".join(failure.log[-15:])
             + f"\nshrunk to {len(shrunk)} steps (replay: CHAOS_SEED={seed} CHAOS_REPLAY={out}):\n"
             + "\n".join(json.dumps(s) for s in shrunk),
             pytrace=False,

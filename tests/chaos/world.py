@@ -60,12 +60,13 @@ PACE = {"FAKE_TOKEN_DELAY": "0.01"}
 BASE_MODELS: list[dict[str, Any]] = [
     _model("a", gpu_id=0, gpu_memory=0.4, on_idle="sleep", idle_timeout=1.5, sleep_timeout=8,
            cpu_offload_model=TWIN, env={**PACE, "FAKE_WAKE_DELAY": "0.2"}),
-    _model("b", "vllm", gpu_id=0, gpu_memory=0.4, on_idle="sleep", idle_timeout=2,
+    # No gpu_id: placed where it fits, and asleep it must wake where its process is (25, 3).
+    _model("b", "vllm", gpu_memory=0.4, on_idle="sleep", idle_timeout=2,
            env={**PACE, "FAKE_WAKE_DELAY": "0.1"}),
     _model("c", gpu_memory=0.5, idle_timeout=3, cpu_offload_model=TWIN,
            env={**PACE, "FAKE_START_DELAY": "0.5"}, timeouts={"first_byte": 3}),
     _model("pin", "vllm", gpu_id=1, gpu_memory=0.3, pinned=True, env=PACE),
-    _model("rep", gpu_memory=0.2, replicas={"min": 0, "max": 2}, routing="prefix_affinity",
+    _model("rep", gpu_memory=0.3, replicas={"min": 0, "max": 2}, routing="prefix_affinity",
            idle_timeout=2, env=PACE),
     _model("q", gpu_id=1, gpu_memory=0.2, queue_timeout=2, idle_timeout=4,
            env={"FAKE_TOKEN_DELAY": "0.02"}),
