@@ -22,10 +22,11 @@ from tests.helpers import FAKE_ENGINE
 ADMIN = "sk-chaos-admin-0123456789"
 KEYS: dict[str, dict[str, Any]] = {
     "ops": {"key": "sk-chaos-ops-0123456789", "priority": "high"},
-    "chatter": {"key": "sk-chaos-chatter-012345", "models": ["chat"], "tokens_per_minute": 600},
+    # Limits tight enough that a walk meets them: a check skipped would show (issue 26's mutations).
+    "chatter": {"key": "sk-chaos-chatter-012345", "models": ["chat"], "tokens_per_minute": 300},
     "narrow": {"key": "sk-chaos-narrow-0123456", "models": ["a"]},  # a version of chat, not chat
     "metered": {
-        "key": "sk-chaos-metered-012345", "requests_per_minute": 30, "max_concurrent": 3, "max_tokens": 32,
+        "key": "sk-chaos-metered-012345", "requests_per_minute": 6, "max_concurrent": 3, "max_tokens": 32,
         "weight": 2,
     },
     "low": {"key": "sk-chaos-low-0123456789", "models": ["q", "c"], "priority": "low"},
