@@ -20,8 +20,8 @@ from api.context import AppContext
 from api.metrics import Metrics
 from api.request_log import configure_logging
 from api.server import HttpProtocol
+from backends.kserve import dump, kserve_manifests
 from config.environment import engine_base_env
-from config.export import dump, kserve_manifests
 from config.keys import load_keys
 from config.models import ConfigError, load_registry
 from config.settings import Settings, resolve_execution_mode
@@ -34,8 +34,8 @@ log = logging.getLogger("unified_inference")
 
 def build(settings: Settings) -> AppContext:
     registry = load_registry(settings.models_config_path)
-    for name, reason in registry.disabled.items():
-        log.warning("%s: model '%s' is disabled: %s", registry.source, name, reason)
+    for warning in registry.warnings():
+        log.warning("%s: %s", registry.source, warning)
     mode = resolve_execution_mode(settings.execution_mode, nvml_gpu_count())
     metrics = Metrics()
     manager = EngineManager(registry, settings, engine_base_env(), events=metrics)

@@ -12,8 +12,10 @@ from collections.abc import Collection, Mapping
 from typing import Any, Protocol
 
 from config.models import Alias, Registry
-from router.aliases import RoundRobin, Weights, for_session
+from router.aliases import RoundRobin, Weights, allowed_weights, session_version
 from router.errors import InvalidRequest
+
+Split = tuple[tuple[str, int], ...]  # (version, weight), in the order written
 
 
 class HasRegistry(Protocol):
@@ -27,13 +29,6 @@ class NoVersionAllowed(Exception):
         super().__init__(alias)
         self.alias = alias
         self.versions = versions
-
-
-def allowed_weights(weights: Weights, allowed: Collection[str] | None) -> Weights:
-    """The split as a key limited to `allowed` models sees it: only its versions (None: all)."""
-    if allowed is None:
-        return weights
-    return tuple((v, w) for v, w in weights if v in allowed)
 
 
 class AliasTable:
@@ -50,16 +45,20 @@ class AliasTable:
     def weights(self, alias: Alias) -> Weights:
         return self._overrides.get(alias.name, alias.weights)
 
-    def _usable(self, alias: Alias, allowed: Collection[str] | None) -> tuple[tuple[str, int], ...]:
-        """The versions a request may be sent to: all of them, or (a key limited to some models
-        that does not list the alias itself) those the key may use; NoVersionAllowed if none."""
+    def _split(self, alias: Alias, allowed: Collection[str] | None) -> tuple[Split, Split]:
+        """The split in force (less versions that cannot run), and the part of it a request may
+        be sent to: all of it, or (a key limited to some models that does not list the alias
+        itself) the versions the key may use; NoVersionAllowed if none."""
         weights = tuple(self.weights(alias))
+        disabled = self._manager.registry.disabled
+        if any(v in disabled for v, _ in weights):  # models.yaml may name one that cannot run
+            weights = tuple((v, w) for v, w in weights if v not in disabled) or weights
         if allowed is None or alias.name in allowed:
-            return weights
+            return weights, weights
         usable = tuple(allowed_weights(weights, allowed))
         if not usable:
             raise NoVersionAllowed(alias.name, [v for v, _ in weights])
-        return usable
+        return weights, usable
 
     def resolve(self, name: str, session: str | None, allowed: Collection[str] | None = None) -> str | None:
         """The version for a request naming `name`, or None when it is not an alias. `allowed`:
@@ -67,11 +66,11 @@ class AliasTable:
         alias = self._alias(name)
         if alias is None:
             return None
-        weights = self._usable(alias, allowed)
+        split, weights = self._split(alias, allowed)
         if len(weights) == 1:
             return weights[0][0]
         if alias.sticky and session:
-            return for_session(weights, session)
+            return session_version(split, weights, session)
         turn = self._turns.get((name, weights))
         if turn is None:
             turn = self._turns[(name, weights)] = RoundRobin(weights)
@@ -82,7 +81,7 @@ class AliasTable:
         alias = self._alias(name)
         if alias is None:
             return None
-        weights = self._usable(alias, allowed)
+        _, weights = self._split(alias, allowed)
         if len(weights) == 1 or (alias.sticky and session):
             return self.resolve(name, session, allowed)
         turn = self._turns.get((name, weights))

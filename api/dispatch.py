@@ -93,7 +93,8 @@ class Dispatcher:
         try:
             self._authorize(scope, headers)
             limit = self._validate_limit if scope["path"] == VALIDATE_PATH else CONTROL_BODY_BYTES
-            bounded = _bounded(receive, headers.get(b"content-length"), limit, scope["path"])
+            length = headers.get(b"content-length")
+            bounded = _bounded(receive, length, limit, scope["path"], lambda: status != 0)
         except RouterError as exc:
             await send_error(send_with_id, exc)
         else:
@@ -115,11 +116,14 @@ class Dispatcher:
 
 
 def _bounded(
-    receive: Callable[[], Awaitable[Message]], content_length: bytes | None, limit: int, path: str
-) -> Callable[[], Awaitable[Message]]:
+    receive: Callable[[], Awaitable[Message]], content_length: bytes | None, limit: int, path: str,
+    answering: Callable[[], bool],
+) -> Callable[[], Awaitable[Message]]:  # fmt: skip
     """`receive`, refusing a body over `limit` bytes: at once when its Content-Length says so,
     else as the bytes come (a route reading it gets PayloadTooLarge, answered 413 in our shape).
-    No control-plane route is ever handed more than `limit` bytes to hold."""
+    Once the answer has begun (`answering`: a streamed log, say, whose server only listens for
+    the client leaving) what still comes is dropped instead. No control-plane route is ever
+    handed more than `limit` bytes to hold."""
 
     def too_large() -> PayloadTooLarge:
         return PayloadTooLarge(f"Request body is over the {limit}-byte limit of {path}")
@@ -134,6 +138,8 @@ def _bounded(
         if message["type"] == "http.request":
             size += len(message.get("body", b""))
             if size > limit:
+                if answering():
+                    return {**message, "body": b""}
                 raise too_large()
         return message
 

@@ -29,8 +29,8 @@ def reload_registry(ctx: AppContext) -> dict[str, Any]:
         raise InvalidConfig(
             f"{exc.source} is invalid; nothing was changed", problems=[str(p) for p in exc.problems]
         ) from exc
-    for name, reason in registry.disabled.items():
-        log.warning("%s: model '%s' is disabled: %s", registry.source, name, reason)
+    for warning in registry.warnings():
+        log.warning("%s: %s", registry.source, warning)
     report: dict[str, Any] = asdict(ctx.manager.reload(registry, gpus))
     report["split_overrides_reset"] = ctx.aliases.reloaded()  # models.yaml's splits win
     log.info("reloaded %s: %s", registry.source, report)

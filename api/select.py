@@ -53,10 +53,11 @@ def resolve_alias(aliases: AliasTable, name: str, session: str | None, key: KeyP
         ) from exc
 
 
-def _while_starting(exc: GpuOverloaded, engine: Engine) -> None:
-    """Turned away at the in-flight bound while the engine starts (or wakes): the requests it
-    counts wait for that start, so say when it is expected to be ready, and retry then."""
-    eta = engine.ready_in()
+def _while_starting(exc: GpuOverloaded, *engines: Engine) -> None:
+    """Turned away at the in-flight bound while an engine of the model starts (or wakes): the
+    requests it counts wait for that start, so say when the soonest is expected to be ready,
+    and retry then."""
+    eta = min((t for t in (e.ready_in() for e in engines) if t is not None), default=None)
     if eta is not None:
         exc.retry_after = eta
         exc.message = f"{exc.message}; its engine is starting, expected ready in about {eta:.0f}s"
@@ -204,8 +205,9 @@ class Selector:
                     f"All {size} replicas of model '{spec.name}' are busy or cannot start "
                     f"(limit {self.ctx.policy.threshold} requests each)",
                 )  # fmt: skip
-            except GpuOverloaded:
+            except GpuOverloaded as exc:
                 self._routed(spec, "queued" if self.queue_timeout(spec) > 0 else "rejected")
+                _while_starting(exc, *replicas.engines)
                 raise
             self._routed(spec, "offload")
             return self._engine(route, call)

@@ -31,7 +31,7 @@ class LaunchContext:
     command: tuple[str, ...] | None = None  # models.yaml `engines:` override
     override_env: Mapping[str, str] = field(default_factory=dict)
     api_key: str | None = None
-    sglang_max_running_requests: int = 3
+    sglang_max_running_requests: int | None = 3  # None: not passed (SGLang's own default)
     sglang_max_total_tokens: int = 0
     gpu_ids: tuple[int, ...] = ()  # where placement put it (CUDA_VISIBLE_DEVICES); () = the spec's gpu_id
     host: str = LOOPBACK  # the address it binds: loopback here, a node's private IP on Ray

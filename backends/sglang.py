@@ -33,7 +33,8 @@ class SGLangBackend:
         argv = [*(ctx.command or DEFAULT_COMMAND)]
         argv += ["--model-path", ctx.model_path, "--host", ctx.host, "--port", str(ctx.port)]
         argv += ["--served-model-name", spec.served_name]
-        argv += ["--max-running-requests", str(ctx.sglang_max_running_requests)]
+        if ctx.sglang_max_running_requests is not None:
+            argv += ["--max-running-requests", str(ctx.sglang_max_running_requests)]
         # 0 = elastic: any value given caps the KV pool, and 0 would fail start-up.
         if ctx.sglang_max_total_tokens > 0:
             argv += ["--max-total-tokens", str(ctx.sglang_max_total_tokens)]

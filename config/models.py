@@ -324,6 +324,19 @@ class Registry:
         """What a request may name: the models, then the aliases."""
         return [*self.models, *self.aliases]
 
+    def warnings(self) -> list[str]:
+        """What loads but cannot run: disabled models, and the aliases' versions among them
+        (their share of the split goes to the others; api/aliases.py)."""
+        out = [f"model '{name}' is disabled: {reason}" for name, reason in self.disabled.items()]
+        for alias in self.aliases.values():
+            down = [v for v, _ in alias.weights if v in self.disabled]
+            if down and len(down) < len(alias.weights):
+                names = ", ".join(down)
+                out.append(f"alias '{alias.name}': {names} cannot run: its share goes to the others")
+            elif down:
+                out.append(f"alias '{alias.name}': none of its versions can run: its requests get 422")
+        return out
+
 
 def load_registry(path: Path) -> Registry:
     """Read and validate `path`; raise ConfigError naming every problem."""

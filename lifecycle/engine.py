@@ -334,7 +334,7 @@ class Engine:
         if self.in_flight == 0 and self._state is EngineState.READY and self._current() is None:
             if self._sleep_routes is not None:
                 log.info("engine '%s' idle for %.1fs: sleeping", self.name, self.idle_timeout)
-                self._begin(self._run_sleep())
+                self._begin_sleep()
             else:
                 log.info("engine '%s' idle for %.1fs: stopping", self.name, self.idle_timeout)
                 self._begin(self._run_stop(EngineState.STOPPED, None))
@@ -352,14 +352,14 @@ class Engine:
             return None
         self._services.events.evicted(self.name, action, self.replica)
         if action == "sleep" and self._sleep_routes is not None:
-            return self._begin(self._run_sleep())
+            return self._begin_sleep()
         return self._begin(self._run_stop(EngineState.STOPPED, None))
 
     def sleep_now(self) -> asyncio.Task[None] | None:
         """An operator's sleep: only an idle, ready engine launched for sleep."""
         if self._sleep_routes is None or not self.idle_ready:
             return None
-        return self._begin(self._run_sleep())
+        return self._begin_sleep()
 
     # ---------------------------------------------------------------- intents
 
@@ -718,6 +718,10 @@ class Engine:
         else:
             self._services.events.stopped(self.name, self.spec.backend, self.replica)
 
+    def _begin_sleep(self) -> asyncio.Task[None]:
+        self._abort = asyncio.Event()  # a stop from now on cuts the sleep call short
+        return self._begin(self._run_sleep())
+
     async def _run_sleep(self) -> None:
         """READY -> SLEEPING: the engine gives its GPU memory back and keeps its process.
         An engine that refuses stops instead (its memory must be freed either way)."""
@@ -725,7 +729,7 @@ class Engine:
         assert routes is not None
         self._set(EngineState.SLEEPING)
         self._disarm_idle()
-        if not await self._call(routes.sleep, SLEEP_CALL_TIMEOUT, routes.body, "sleep"):
+        if not await self._call(routes.sleep, SLEEP_CALL_TIMEOUT, routes.body, "sleep", abort=self._abort):
             return
         self.sleeps += 1
         self.log.write("=== asleep: GPU memory released")
@@ -759,12 +763,16 @@ class Engine:
         """POST the engine's sleep or wake route; on failure stop the engine (its memory must
         be freed, and a request then starts it afresh) and say False. A stop that sets `abort`
         meanwhile (an operator's, the daemon's, a reload's) does not wait for the call: the
-        engine is stopped at once and its waiters get EngineStartError, as for a start."""
+        engine is stopped at once (a wake's waiters then get EngineStartError, as for a start)."""
         post = self._services.prober.post(self.base_url + path, timeout, self.api_key, body)
-        if abort is None:
-            status, text = await post
-        else:
-            status, text = await self._unless(abort, post, what)
+        answer = await post if abort is None else await _unless(abort, post)
+        if answer is None:
+            self.log.write(f"=== {what} aborted by a stop request: stopping")
+            await self._run_stop(EngineState.STOPPED, None)  # within this transition's task
+            if what == "wake":  # its waiters get what a start aborted by a stop gives them
+                raise EngineStartError(self.name, f"model '{self.name}': wake aborted by a stop request", [])
+            return False
+        status, text = answer
         if 200 <= status < 300:
             return True
         log.warning("engine '%s' did not %s (%s %s): stopping it", self.name, what, status, text)
@@ -772,29 +780,26 @@ class Engine:
         await self._run_stop(EngineState.STOPPED, None)  # within this transition's task
         return False
 
-    async def _unless(
-        self, abort: asyncio.Event, call: Coroutine[Any, Any, tuple[int, str]], what: str
-    ) -> tuple[int, str]:
-        """`call`'s answer; or, if `abort` is set first, the call cancelled and the engine stopped."""
-        answer = asyncio.ensure_future(call)
-        aborted = asyncio.ensure_future(abort.wait())
-        try:
-            await asyncio.wait({answer, aborted}, return_when=asyncio.FIRST_COMPLETED)
-        except BaseException:  # this task cancelled (the daemon exits): the call goes too
-            answer.cancel()
-            raise
-        finally:
-            aborted.cancel()
-        if answer.done():
-            return answer.result()
-        answer.cancel()
-        self.log.write(f"=== {what} aborted by a stop request: stopping")
-        await self._run_stop(EngineState.STOPPED, None)  # within this transition's task
-        raise EngineStartError(self.name, f"model '{self.name}': {what} aborted by a stop request", [])
-
     async def _terminate(self) -> None:
         """Stop the process group and forget it; its GPU memory is free again."""
         await self.process.terminate()
         self.bound = None
         if self._services.budget is not None:
             self._services.budget.release(self)  # the process group is gone: so is its memory
+
+
+async def _unless(abort: asyncio.Event, call: Coroutine[Any, Any, tuple[int, str]]) -> tuple[int, str] | None:
+    """`call`'s answer; None, the call cancelled, if `abort` is set first."""
+    answer = asyncio.ensure_future(call)
+    aborted = asyncio.ensure_future(abort.wait())
+    try:
+        await asyncio.wait({answer, aborted}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # this task cancelled (the daemon exits): the call goes too
+        answer.cancel()
+        raise
+    finally:
+        aborted.cancel()
+    if answer.done():
+        return answer.result()
+    answer.cancel()
+    return None

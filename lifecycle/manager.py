@@ -13,11 +13,8 @@ import asyncio
 import atexit
 import contextlib
 import logging
-import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 from backends.registry import backend_for
 from config.models import EngineOverride, ModelSpec, Registry
@@ -33,6 +30,7 @@ from lifecycle.ray_attach import reconcile
 from lifecycle.ray_cluster import RayCluster
 from lifecycle.replicas import ReplicaSet
 from lifecycle.services import EngineServices
+from lifecycle.sockets import SocketDir
 from lifecycle.state import EngineEvents, EngineState, NoEvents
 
 log = logging.getLogger(__name__)
@@ -72,9 +70,9 @@ class EngineManager:
             )  # fmt: skip
         self.pid_records = PidRecords(settings.run_dir)
         self.cluster = RayCluster(registry.cluster)  # joined only when a model is placed on Ray
-        # Engines that can serve on a Unix socket (vLLM) do, here: mkdtemp makes it 0700, so only
-        # this daemon's user can connect (docs/engine-security.md). Removed at shutdown.
-        self.socket_dir = Path(tempfile.mkdtemp(prefix="unified-inference-"))
+        # Engines that can serve on a Unix socket (vLLM) do, in a 0700 directory of the daemon's
+        # (docs/engine-security.md): made at the first such launch, removed at shutdown.
+        self.sockets = SocketDir()
         self._services = services = EngineServices(
             settings=settings,
             base_env=base_env,
@@ -85,7 +83,7 @@ class EngineManager:
             events=events or NoEvents(),
             budget=self.budget,
             cluster=self.cluster,
-            socket_dir=self.socket_dir,
+            sockets=self.sockets,
         )
         self.models: dict[str, ReplicaSet] = {
             name: ReplicaSet(spec, backend_for(spec.backend), services, self._override(spec.backend))
@@ -220,7 +218,7 @@ class EngineManager:
         stops = [engine.stop() for engine in self.all_engines()]
         await asyncio.gather(*stops, *self._retiring, return_exceptions=True)
         await self._prober.close()
-        shutil.rmtree(self.socket_dir, ignore_errors=True)
+        self.sockets.remove()
         atexit.unregister(self._kill_all_now)
 
     def _kill_all_now(self) -> None:

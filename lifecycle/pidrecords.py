@@ -19,11 +19,14 @@ its identity matches exactly:
 - the leader is gone or is another process now: only the recorded workers that
   still match are stopped, each by itself; the group is never signalled;
 - a record without an identity (written by an older daemon, or unreadable) is
-  dropped, and nothing is signalled for it.
+  dropped, and nothing is signalled for it;
+- a record written in another pid namespace (a daemon in another container sharing
+  the state directory) is left alone: its pids are not this namespace's.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -33,7 +36,7 @@ from pathlib import Path
 
 import psutil
 
-from lifecycle.process import Identity, boot_id, descendants, identity_of, terminate_group
+from lifecycle.process import Identity, boot_id, descendants, identity_of, pid_namespace, terminate_group
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +47,7 @@ class PidRecord:
     leader: Identity
     members: tuple[Identity, ...]  # workers found under the leader once it was ready
     daemon: Identity  # the daemon that started it
+    namespace: str = ""  # the pid namespace the pids are in
 
     def to_json(self) -> str:
         return json.dumps({
@@ -54,6 +58,7 @@ class PidRecord:
             "members": [[m.pid, m.start] for m in self.members],
             "daemon_pid": self.daemon.pid,
             "daemon_start_ticks": self.daemon.start,
+            "pid_namespace": self.namespace,
         })
 
     @classmethod
@@ -74,6 +79,7 @@ class PidRecord:
             leader=ident(doc["pid"], doc["start_ticks"]),
             members=tuple(ident(p, s) for p, s in doc["members"]),
             daemon=ident(doc["daemon_pid"], doc["daemon_start_ticks"]),
+            namespace=str(doc.get("pid_namespace", "")),
         )
 
 
@@ -106,7 +112,8 @@ class PidRecords:
             log.warning("engine '%s' (pid %d): no start time readable; no pid record written", model, pid)
             return None
         found = (identity_of(p.pid) for p in members or ())
-        record = PidRecord(model, leader, tuple(m for m in found if m is not None), self._daemon)
+        workers = tuple(m for m in found if m is not None)
+        record = PidRecord(model, leader, workers, self._daemon, pid_namespace())
         self.run_dir.mkdir(parents=True, exist_ok=True)
         path = self._path(model, pid)
         tmp = path.with_suffix(".tmp")
@@ -121,8 +128,10 @@ class PidRecords:
     def _orphans(self) -> list[tuple[Path, PidRecord | None]]:
         """Every record whose daemon is gone (None: one to drop without acting on it)."""
         found: list[tuple[Path, PidRecord | None]] = []
-        boot = boot_id()
+        boot, namespace = boot_id(), pid_namespace()
         for path in sorted(self.run_dir.glob("*.json")):
+            if not path.is_file():
+                continue  # not a record of ours
             try:
                 record = PidRecord.from_json(path.read_text(encoding="utf-8"))
             except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -132,22 +141,28 @@ class PidRecords:
             if record.leader.boot != boot:
                 found.append((path, None))  # from before a reboot: its processes are long gone
                 continue
+            if record.namespace and record.namespace != namespace:
+                continue  # another container's: its pids are not ours to read, nor its to lose
             if _still(record.daemon) is not None:
                 continue  # another live daemon shares this state directory
             found.append((path, record))
         return found
 
     async def reap_orphans(self, grace: float) -> list[PidRecord]:
-        """Stop the engines left by dead daemons; return the records acted on."""
+        """Stop the engines left by dead daemons, all at once (each may take its grace
+        period); return the records acted on."""
         if not self.run_dir.is_dir():
             return []
-        reaped = []
-        for path, record in self._orphans():
-            if record is not None and await self._reap(record, grace):
-                reaped.append(record)
-            with contextlib.suppress(FileNotFoundError):
+        orphans = self._orphans()
+        acted = await asyncio.gather(*(self._reap(r, grace) for _, r in orphans if r is not None))
+        for path, _ in orphans:
+            try:
                 path.unlink()
-        return reaped
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                log.warning("cannot remove pid record %s: %s", path, exc)
+        return [r for r, done in zip((r for _, r in orphans if r is not None), acted, strict=True) if done]
 
     async def _reap(self, record: PidRecord, grace: float) -> bool:
         leader = _still(record.leader)

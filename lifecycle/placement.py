@@ -197,8 +197,10 @@ class LocalPlacement(Placement):
     def _listen(self, spec: ModelSpec, backend: Backend) -> None:
         """Where this launch listens: a fresh Unix socket in the daemon's private directory when
         the engine can serve on one (a fixed `port` in models.yaml keeps TCP), else a port."""
-        socket_dir = self._services.socket_dir
-        if backend.unix_socket and spec.port is None and socket_dir is not None:
+        sockets = self._services.sockets
+        wanted = sockets is not None and backend.unix_socket and spec.port is None
+        socket_dir = sockets.path() if sockets is not None and wanted else None
+        if socket_dir is not None:
             path = socket_dir / f"{secrets.token_hex(6)}.sock"
             path.unlink(missing_ok=True)  # the engine would not bind over a file left there
             self.socket, self.port = str(path), None

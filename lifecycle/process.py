@@ -183,7 +183,7 @@ def boot_id() -> str:
 
 
 def identity_of(pid: int) -> Identity | None:
-    """The identity of live (or not yet reaped) process `pid`; None when there is none."""
+    """The identity of live process `pid`; None when there is none (or only its zombie)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_bytes()
     except OSError:
@@ -191,9 +191,20 @@ def identity_of(pid: int) -> Identity | None:
     # The command name (field 2) is in parentheses and may itself hold spaces and ")".
     fields = stat[stat.rfind(b")") + 2 :].split()
     try:
+        if fields[0] in (b"Z", b"X"):  # field 3, the state: dead, waiting to be reaped
+            return None
         return Identity(boot_id(), pid, int(fields[19]))  # field 22: fields[0] is field 3
     except (IndexError, ValueError):
         return None
+
+
+@cache
+def pid_namespace() -> str:
+    """This process's pid namespace ("pid:[4026531836]"): pids mean something only within one."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
 
 
 def _pgid_of(proc: psutil.Process) -> int | None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from config.models import ModelSpec
 log = logging.getLogger(__name__)
 PREFIX = "engine:"
 PREFLIGHT_TIMEOUT = 5.0  # seconds to open a TCP connection to the cluster's GCS
+GCS_TIMEOUT = 10.0  # seconds for it to answer as one (a live GCS does in milliseconds)
 
 
 class RayUnavailable(Exception):
@@ -65,14 +67,32 @@ def _preflight(address: str) -> None:
         from ray.exceptions import AuthenticationError
     except ImportError:  # another Ray: ray.init says what it says
         return
-    try:
-        GcsClient(address=address)
-    except AuthenticationError as exc:
+    # In a thread of its own: at an address that accepts connections but is not a GCS (Ray's
+    # dashboard port, say) it blocks for ~40 s, and ray.init after it retries for ever.
+    answer: dict[str, BaseException | None] = {}
+
+    def ask() -> None:
+        try:
+            GcsClient(address=address)
+            answer["error"] = None
+        except BaseException as exc:  # said below, in the daemon's words
+            answer["error"] = exc
+
+    thread = threading.Thread(target=ask, name="ray-preflight", daemon=True)
+    thread.start()
+    thread.join(GCS_TIMEOUT)
+    if "error" not in answer:
         raise RayUnavailable(
-            f"the Ray cluster at {address} refused this daemon's token ({_token_source()}): {exc}"
-        ) from exc
-    except Exception as exc:  # ray.init reports it, with its own words
-        log.debug("Ray preflight at %s: %s", address, exc)
+            f"{address} accepts connections but did not answer as a Ray cluster's GCS within "
+            f"{GCS_TIMEOUT:g}s (cluster.address or RAY_ADDRESS: the head node's GCS port, 6379 by default)"
+        )
+    error = answer["error"]
+    if isinstance(error, AuthenticationError):
+        raise RayUnavailable(
+            f"the Ray cluster at {address} refused this daemon's token ({_token_source()}): {error}"
+        ) from error
+    if error is not None:
+        raise RayUnavailable(f"{address} does not answer as a Ray cluster's GCS: {error}") from error
 
 
 def _token_source(env: Mapping[str, str] = os.environ) -> str:

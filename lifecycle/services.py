@@ -11,6 +11,7 @@ from lifecycle.model_files import ModelFiles
 from lifecycle.pidrecords import PidRecords
 from lifecycle.probe import Prober
 from lifecycle.ray_cluster import RayCluster
+from lifecycle.sockets import SocketDir
 from lifecycle.state import EngineEvents, NoEvents
 
 
@@ -25,4 +26,4 @@ class EngineServices:
     events: EngineEvents = field(default_factory=NoEvents)
     budget: GpuBudget | None = None  # GPU placement; None: GPU engines start unplaced
     cluster: RayCluster | None = None  # where `placement: ray` engines run (models.yaml `cluster:`)
-    socket_dir: Path | None = None  # the daemon's own 0700 directory for engines' Unix sockets
+    sockets: SocketDir | None = None  # the daemon's own 0700 directory for engines' Unix sockets

@@ -23,6 +23,7 @@ in models.yaml):
     FAKE_LOG_REQUESTS      1: print each /v1 request with its X-Request-ID
     FAKE_GPU_LEDGER        a file shared by the fake engines: GPU memory shares (tests/fake_gpu.py)
     FAKE_WAKE_DELAY        seconds a wake from sleep takes (tests/fake_gpu.py)
+    FAKE_SLEEP_DELAY       seconds a sleep takes (tests/fake_gpu.py)
     FAKE_FIRST_REQUEST_DELAY  seconds the engine's first completion waits before answering (what
                            a real engine's first request pays: CUDA graph capture, lazy compiles)
     FAKE_PREFILL_DELAY     seconds to "prefill" a prompt whose prefix the engine has not seen;

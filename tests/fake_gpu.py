@@ -18,7 +18,7 @@ Sleep, as confirmed in the engines' sources (README "Sleep"):
   /resume_memory_occupation always exist and take a JSON body
   (ReleaseMemoryOccupationReqInput, `{}` = everything; none: 422); without
   --enable-memory-saver they answer 200 and free nothing (a no-op saver).
-FAKE_WAKE_DELAY (seconds) is how long a wake takes.
+FAKE_WAKE_DELAY (seconds) is how long a wake takes; FAKE_SLEEP_DELAY, a sleep.
 """
 
 from __future__ import annotations
@@ -110,6 +110,7 @@ class FakeGpu:
         )
         self.dev_mode = env.get("VLLM_SERVER_DEV_MODE") == "1"
         self.wake_delay = float(env.get("FAKE_WAKE_DELAY", "0"))
+        self.sleep_delay = float(env.get("FAKE_SLEEP_DELAY", "0"))
         self.sleeping = False
         self.holding = False
         self.stats = {"sleeps": 0, "wakes": 0}
@@ -155,6 +156,7 @@ class FakeGpu:
         if not self.can_release:
             return web.json_response({"error": "Sleep mode is not enabled in the model config"}, status=500)
         level = int(request.query.get("level", "1"))
+        await asyncio.sleep(self.sleep_delay)
         self._sleep()
         return web.json_response({"status": "sleeping", "level": level})
 
@@ -170,6 +172,7 @@ class FakeGpu:
         if (refused := await _sglang_body(request)) is not None:
             return refused
         if self.can_release:  # without --enable-memory-saver: a no-op
+            await asyncio.sleep(self.sleep_delay)
             self._sleep()
         return web.json_response(None)
 

@@ -180,3 +180,19 @@ def test_keys_limited_to_models_meet_aliases_without_random_refusals(daemon_for:
                 assert answer["resolved"] == resolved
             if not valid:
                 assert answer["problems"][0]["code"] == "FORBIDDEN"
+
+
+def test_a_split_in_models_yaml_naming_a_model_that_cannot_run_gives_its_share_to_the_others(
+    daemon_for: Any,
+) -> None:
+    """Found by the review of issue 25: the admin route refused such a split, but models.yaml
+    loaded it, and half the requests for the alias got 422."""
+    doc = {**DOC, "aliases": {"mixed": {"split": {"qwen-v1": 1, "qwen-gguf": 1}}, "dead": "qwen-gguf"}}
+    daemon: Daemon = daemon_for(doc, OFFLOAD_QUEUE_THRESHOLD="100").start()
+    with daemon.client() as c:
+        assert {served(ask(c, "mixed")) for _ in range(6)} == {"qwen-v1"}
+        dead = c.post("/v1/completions", json={"model": "dead", "prompt": "x", "max_tokens": 1})
+        assert dead.status_code == 422 and dead.json()["error"]["code"] == "FORMAT_NOT_SUPPORTED"
+    log = daemon.log()
+    assert "alias 'mixed': qwen-gguf cannot run: its share goes to the others" in log
+    assert "alias 'dead': none of its versions can run" in log

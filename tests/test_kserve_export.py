@@ -107,8 +107,30 @@ def test_each_manifest_runs_its_engine_on_the_model_kserve_mounts_at_the_port_it
         "--host": "0.0.0.0", "--tp-size": "2", "--context-length": "8192",
     }  # fmt: skip
     vllm = llama["spec"]["template"]["containers"][0]
-    assert vllm["command"] == ["vllm", "serve", "/mnt/models"]
+    assert vllm["command"] == ["vllm", "serve"] and vllm["args"][0] == "/mnt/models"
     assert _options(vllm["args"]) == {
         "--served-model-name": "llama-3", "--port": "8000", "--host": "0.0.0.0",
         "--tensor-parallel-size": "2",
     }  # fmt: skip
+
+
+def test_a_manifest_keeps_what_the_models_type_and_format_need(tmp_path: Path) -> None:
+    """Found by the review of issue 25: the export dropped --is-embedding, --runner pooling and
+    --quantization awq, which the daemon's own launch passes: an exported SGLang embedding model
+    would have been served as a generating one. It now takes the daemon's launch line, less what
+    only the daemon needs (key, memory share, sleep, its in-flight bound)."""
+    doc = {"models": [
+        {"name": "emb", "backend": "sglang", "model_path": "org/emb", "type": "embedding",
+         "gpu_memory": 0.3, "on_idle": "sleep"},
+        {"name": "rr", "backend": "vllm", "model_path": "org/rr", "type": "reranker"},
+        {"name": "q", "backend": "vllm", "model_path": "org/q", "format": "awq", "on_idle": "sleep"},
+    ]}  # fmt: skip
+    assert export(tmp_path, doc).returncode == 0
+    emb, rr, q = (d["spec"]["template"]["containers"][0]["args"]
+                  for d in yaml.safe_load_all((tmp_path / "kserve.yaml").read_text()))  # fmt: skip
+    assert "--is-embedding" in emb and "--runner" in rr and _options(rr)["--runner"] == "pooling"
+    assert _options(q)["--quantization"] == "awq"
+    daemons_own = {"--mem-fraction-static", "--gpu-memory-utilization", "--enable-memory-saver",
+                   "--enable-sleep-mode", "--api-key", "--max-running-requests", "--uds"}  # fmt: skip
+    for args in (emb, rr, q):
+        assert not daemons_own & set(args)

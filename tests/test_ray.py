@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -283,3 +284,13 @@ def test_a_refused_token_or_an_unreachable_cluster_is_said_at_once(
         nowhere.start(timeout=30)
     assert time.monotonic() - t0 < 10
     assert "cannot reach the Ray cluster at 127.0.0.1:1" in nowhere.log()
+    # Found by the review of issue 25: an address that accepts connections but is not a GCS
+    # (Ray's dashboard port, say) blocked the preflight 40 s, then ray.init retried for ever.
+    with socket.create_server(("127.0.0.1", 0)) as not_ray:
+        address = f"127.0.0.1:{not_ray.getsockname()[1]}"
+        elsewhere: Daemon = daemon_for(doc, **{**cluster.env, "RAY_ADDRESS": address})
+        t0 = time.monotonic()
+        with pytest.raises(AssertionError, match="exited with 2"):
+            elsewhere.start(timeout=60)
+        assert time.monotonic() - t0 < 30
+    assert f"{address} accepts connections but did not answer as a Ray cluster's GCS" in elsewhere.log()

@@ -94,3 +94,31 @@ def test_an_operators_stop_during_a_hung_wake_answers_within_the_grace_period(
         wait_until(lambda: not pid_alive(pid), 5)
         assert ledger(tmp_path).get("0", {}) == {}
 
+
+
+def test_a_stop_during_a_hung_sleep_answers_within_the_grace_period(daemon_for: Any, tmp_path: Path) -> None:
+    """Found by the review of issue 25: the sleep call was bounded only by its own 60 s."""
+    models = [fake_model("s", gpu_id=0, gpu_memory=0.5, on_idle="sleep", idle_timeout=0,
+                         env={"FAKE_SLEEP_DELAY": "60"})]  # fmt: skip
+    daemon: Daemon = daemon_for(gpu_doc(tmp_path, *models), STOP_GRACE_PERIOD="1").start()
+    with daemon.client() as c:
+        assert ask(c, "s").status_code == 200
+        pid = rows(c)["s"]["pid"]
+        slept: dict[str, httpx.Response] = {}
+
+        def sleep() -> None:
+            with daemon.client(timeout=90) as s:
+                slept["r"] = s.post("/v1/admin/models/s/sleep")
+
+        sleeper = threading.Thread(target=sleep)
+        sleeper.start()
+        wait_until(lambda: rows(c)["s"]["state"] == "sleeping", 10)
+        t0 = time.monotonic()
+        stopped = c.post("/v1/admin/models/s/stop", params={"force": "true"})
+        took = time.monotonic() - t0
+        sleeper.join(30)
+        assert stopped.status_code == 200 and stopped.json()["state"] == "stopped"
+        assert took < 5.0, f"the stop took {took:.1f}s"
+        assert slept["r"].status_code == 200 and slept["r"].json()["state"] == "stopped"
+        wait_until(lambda: not pid_alive(pid), 5)
+        assert ledger(tmp_path).get("0", {}) == {}

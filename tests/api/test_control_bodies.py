@@ -7,6 +7,7 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import psutil
 import pytest
 
@@ -111,3 +112,19 @@ def test_unparseable_control_bodies_get_our_error(daemon: Daemon) -> None:
         for path in ("/v1/models/validate", "/v1/admin/aliases/chat"):
             resp = c.post(path, content=b"{not json")
             assert resp.status_code == 400 and resp.json()["error"]["code"] == "INVALID_BODY"
+
+
+def test_a_body_sent_to_a_streamed_answer_is_dropped_without_an_error(daemon: Daemon) -> None:
+    """Found by the review of issue 25: a log followed with a chunked body over the limit raised
+    REQUEST_TOO_LARGE inside the streaming answer (a traceback, the stream cut)."""
+    with daemon.client() as c:
+        assert c.post("/v1/admin/models/v1/start").status_code == 200
+    with httpx.Client(base_url=daemon.url, timeout=30) as c, c.stream(
+        "GET", "/v1/admin/models/v1/logs", params={"follow": "true"}, content=_chunks(4 * MIB)
+    ) as resp:
+        assert resp.status_code == 200
+        first = next(resp.iter_lines())
+        assert first  # the log's head came, and the stream is still open
+    with daemon.client() as c:
+        assert c.post("/v1/admin/models/v1/stop").status_code == 200
+    assert "Exception in ASGI application" not in daemon.log()

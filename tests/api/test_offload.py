@@ -71,6 +71,24 @@ async def test_cpu_mode_serves_gpu_models_by_their_twin(daemon_for: Any) -> None
         assert {r["name"]: r["starts"] for r in status["models"]} == {"gpu": 0, "twin": 1, "gpu-alone": 0}
 
 
+async def test_a_burst_at_a_starting_model_with_replicas_is_told_it_too(daemon_for: Any) -> None:
+    """Found by the review of issue 25: with replicas, the requests past both replicas' bounds
+    while they start got Retry-After: 1 and no word of the start."""
+    doc = registry_doc(fake_model("r", replicas={"min": 0, "max": 2}, env={"FAKE_START_DELAY": "2"}))
+    daemon: Daemon = daemon_for(doc, OFFLOAD_QUEUE_THRESHOLD="2").start()
+    body = {"model": "r", "prompt": "x", "max_tokens": 1}
+    async with httpx.AsyncClient(base_url=daemon.url, timeout=30) as c:
+        for burst in range(2):
+            replies = await asyncio.gather(*(c.post("/v1/completions", json=body) for _ in range(8)))
+            refused = [r for r in replies if r.status_code == 429]
+            assert refused and all(r.status_code in (200, 429) for r in replies)
+            for r in refused:
+                assert "its engine is starting" in r.json()["error"]["message"]
+                if burst:
+                    assert 2 <= int(r.headers["retry-after"]) <= 4
+            assert (await c.post("/v1/admin/models/r/stop")).status_code == 200
+
+
 async def test_a_burst_at_a_starting_model_is_told_when_the_start_should_end(daemon_for: Any) -> None:
     """Issue 25, defect 6: five requests at once for a cold model (bound 3, no twin): three wait
     for the start, two get 429 — with a Retry-After of one second whatever the start's length.

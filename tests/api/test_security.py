@@ -257,3 +257,18 @@ def test_priority_and_weight_come_from_the_keys_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as err:
         load_keys("", keys, None)
     assert len(err.value.problems) == 2
+
+
+def test_with_a_tmpdir_too_long_for_a_socket_a_vllm_engine_still_gets_one(
+    daemon_for: Any, tmp_path: Path
+) -> None:
+    """Found by the review of issue 25: a TMPDIR over ~61 characters made every local vLLM
+    model answer 503 (its engine died at bind). Its socket goes in /tmp then (and where no
+    directory is short enough, on a loopback port: tests/lifecycle/test_sockets.py)."""
+    long_tmp = tmp_path / ("t" * 80)
+    long_tmp.mkdir()
+    daemon: Daemon = daemon_for(DOC, TMPDIR=str(long_tmp)).start()
+    with daemon.client() as c:
+        assert _post(c, None, model="gpu").status_code == 200
+        row = next(r for r in c.get("/v1/status").json()["models"] if r["name"] == "gpu")
+    assert row["socket"].startswith("/tmp/unified-inference-") and row["port"] is None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import itertools
 import warnings
 
 import pytest
@@ -19,9 +20,9 @@ with warnings.catch_warnings():  # its import warns about CUDA-only kernels: not
     from sglang.srt.server_args import ServerArgs, prepare_server_args
 
 from backends.contract import env, routes
+from backends.kserve import MODEL_DIR, command_line
+from backends.kserve import PORT as KSERVE_PORT
 from backends.sglang import DEFAULT_COMMAND
-from config.export import MODEL_DIR, command_line
-from config.export import PORT as KSERVE_PORT
 from config.models import ModelSpec
 from tests.contract import fake
 from tests.contract.asgi import unserved
@@ -104,13 +105,14 @@ def test_the_exported_kserve_command_line_runs_the_model_kserve_mounts_at_its_po
     """`python main.py export kserve`: issue 25 found the container ran `python -m
     sglang.launch_server` with no --model-path and no --port; SGLang also listens on loopback
     unless told otherwise, out of reach of KServe's probes."""
-    for tensor in (1, 2):
+    for tensor, kind, fmt in itertools.product((1, 2), ("llm", "embedding"), ("hf", "awq")):
         entry = {"name": "m", "backend": "sglang", "model_path": "org/model", "served_model_name": "served",
-                 "args": ["--context-length", "4096"]}  # fmt: skip
+                 "type": kind, "format": fmt, "args": ["--context-length", "4096"]}  # fmt: skip
         spec = ModelSpec.model_validate(entry)
         command, argv = command_line(spec, tensor)
         assert command == ["python", *DEFAULT_COMMAND[1:]]
         args = prepare_server_args(argv)
         assert (args.model_path, args.port, args.host) == (MODEL_DIR, KSERVE_PORT, "0.0.0.0")
         assert args.served_model_name == "served" and args.tp_size == tensor
-        assert args.context_length == 4096
+        assert args.context_length == 4096 and args.is_embedding is (kind != "llm")
+        assert args.quantization == ("awq" if fmt == "awq" else None)

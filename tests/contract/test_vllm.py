@@ -7,6 +7,7 @@ parser needs the platform set first, else "Failed to infer device type".
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import re
 import types
 from pathlib import Path
@@ -25,9 +26,9 @@ from vllm.entrypoints.launchers.app import build_app  # noqa: E402  (what `vllm 
 from vllm.utils.argparse_utils import FlexibleArgumentParser  # noqa: E402
 
 from backends.contract import env, routes  # noqa: E402
+from backends.kserve import MODEL_DIR, command_line  # noqa: E402
+from backends.kserve import PORT as KSERVE_PORT  # noqa: E402
 from backends.vllm import DEFAULT_COMMAND  # noqa: E402
-from config.export import MODEL_DIR, command_line  # noqa: E402
-from config.export import PORT as KSERVE_PORT  # noqa: E402
 from config.models import ModelSpec  # noqa: E402
 from tests.contract import fake  # noqa: E402
 from tests.contract.asgi import unserved  # noqa: E402
@@ -158,17 +159,18 @@ def test_the_fake_accepts_no_flag_and_serves_no_route_the_real_engine_lacks(
 
 def test_the_exported_kserve_command_line_runs_the_model_kserve_mounts_at_its_port() -> None:
     """`python main.py export kserve`: the container runs `vllm serve /mnt/models ...`."""
-    for tensor in (1, 2):
+    for tensor, kind, fmt in itertools.product((1, 2), ("llm", "embedding", "reranker"), ("hf", "awq")):
         entry = {"name": "m", "backend": "vllm", "model_path": "org/model", "served_model_name": "served",
-                 "args": ["--max-model-len", "4096"]}  # fmt: skip
+                 "type": kind, "format": fmt, "args": ["--max-model-len", "4096"]}  # fmt: skip
         spec = ModelSpec.model_validate(entry)
         command, argv = command_line(spec, tensor)
-        assert command[:2] == ["vllm", "serve"]
-        args = parser().parse_args([*command[2:], *argv])
+        assert command == ["vllm", "serve"]
+        args = parser().parse_args(argv)
         validate_parsed_serve_args(args)
         assert (args.model_tag, args.port, args.host) == (MODEL_DIR, KSERVE_PORT, "0.0.0.0")
         assert args.served_model_name == ["served"] and args.tensor_parallel_size == tensor
-        assert args.max_model_len == 4096
+        assert args.max_model_len == 4096 and args.runner == ("pooling" if kind != "llm" else "auto")
+        assert args.quantization == ("awq" if fmt == "awq" else None)
 
 
 def _route_set(app: Any) -> set[tuple[str, str]]:

@@ -8,7 +8,9 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -166,3 +168,63 @@ def _children(pid: int) -> list[int]:
         return [p.pid for p in psutil.Process(pid).children()]
     except psutil.Error:
         return []
+
+
+def test_a_stray_entry_in_the_run_directory_stops_nothing(tmp_path: Path) -> None:
+    """Found by the review of issue 25: a directory named like a record made reaping raise
+    IsADirectoryError, and the daemon did not start."""
+    (tmp_path / "run" / "stray.json").mkdir(parents=True)
+    assert _reap(tmp_path / "run") == []
+    assert (tmp_path / "run" / "stray.json").is_dir()
+
+
+def test_a_daemon_that_is_only_a_zombie_is_dead(tmp_path: Path) -> None:
+    """Found by the review of issue 25: a SIGKILLed daemon whose parent had not yet waited for
+    it still matched its record, so its engines were neither reaped nor their records removed."""
+    daemon = subprocess.Popen(["sleep", "300"])
+    engine = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    try:
+        owner, leader = identity_of(daemon.pid), identity_of(engine.pid)
+        assert owner is not None and leader is not None
+        daemon.kill()
+        wait_until(lambda: identity_of(daemon.pid) is None, 5)  # a zombie: not waited for yet
+        assert Path(f"/proc/{daemon.pid}").exists()
+        _record(tmp_path / "run", _doc(leader, owner))
+        assert [r.leader for r in _reap(tmp_path / "run")] == [leader]
+        assert engine.wait(5) == -signal.SIGTERM
+    finally:
+        daemon.wait()
+        if engine.poll() is None:
+            engine.kill()
+            engine.wait()
+
+
+def test_a_record_from_another_pid_namespace_is_left_alone(
+    tmp_path: Path, stranger: subprocess.Popen[bytes]
+) -> None:
+    """Found by the review of issue 25: a live daemon in another container sharing STATE_DIR
+    lost its records (its pids mean nothing here)."""
+    now = identity_of(stranger.pid)
+    assert now is not None
+    path = _record(tmp_path / "run", {**_doc(now, _dead_identity()), "pid_namespace": "pid:[1]"})
+    assert _reap(tmp_path / "run") == []
+    assert path.exists() and stranger.poll() is None
+
+
+def test_orphans_are_reaped_together_not_one_grace_period_after_another(tmp_path: Path) -> None:
+    """Found by the review of issue 25: four orphans ignoring SIGTERM, 2 s grace: 8 s."""
+    code = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(300)"
+    engines = [subprocess.Popen([sys.executable, "-c", code], start_new_session=True) for _ in range(4)]
+    try:
+        for engine in engines:
+            leader = wait_until(partial(identity_of, engine.pid), 5)
+            _record(tmp_path / "run", _doc(leader, _dead_identity()))
+        t0 = time.monotonic()
+        assert len(asyncio.run(PidRecords(tmp_path / "run").reap_orphans(grace=1.0))) == 4
+        assert time.monotonic() - t0 < 3.0, "four grace periods of 1 s, together"
+        assert all(e.wait(5) == -signal.SIGKILL for e in engines)
+    finally:
+        for engine in engines:
+            if engine.poll() is None:
+                engine.kill()
+                engine.wait()

@@ -29,3 +29,22 @@ def test_buckets_are_covered_in_the_order_written() -> None:
     weights = [("a", 1), ("b", 3)]
     assert owner(weights, 0) == "a" and owner(weights, BUCKETS // 4 - 1) == "a"
     assert owner(weights, BUCKETS // 4) == "b" and owner(weights, BUCKETS - 1) == "b"
+
+
+def test_a_restricted_keys_session_keeps_the_version_every_key_gets_when_it_may_use_it() -> None:
+    """Found by the review of issue 25: a key limited to [v1, v3] of v2 50 / v1 25 / v3 25 had
+    its sessions re-bucketed over its part of the split: 59 of 200 whose own version it may use
+    were served the other one."""
+    from router.aliases import allowed_weights, for_session, session_version
+
+    split = (("v2", 50), ("v1", 25), ("v3", 25))
+    mine = allowed_weights(split, ["v1", "v3"])
+    assert mine == (("v1", 25), ("v3", 25))
+    sessions = [f"s{i}" for i in range(400)]
+    for s in sessions:
+        own = for_session(split, s)
+        got = session_version(split, mine, s)
+        assert got == own if own != "v2" else got in ("v1", "v3")
+    moved = [session_version(split, mine, s) for s in sessions if for_session(split, s) == "v2"]
+    share = moved.count("v1") / len(moved)
+    assert 0.4 < share < 0.6, f"sessions the key's versions do not own follow their weights ({share:.2f})"

@@ -15,10 +15,12 @@ model (SGLang or vLLM on a GPU), as a multi-document YAML stream:
 
 The command line is complete in the manifest: KServe merges `template` over its well-known
 config with a strategic merge, where a container's `command` and `args` given here replace
-the config's (lists of strings are not merged). So it names everything the runtime needs —
-the model where KServe's storage initializer puts it (MODEL_DIR), the served name, the port
-the config's probes use (PORT), every interface for SGLang (its default is loopback), tensor
-parallelism — then the model's own `args`, which may override any of them.
+the config's (lists of strings are not merged). It is the line the daemon's own launch code
+builds (backends/), for the model where KServe's storage initializer puts it (MODEL_DIR), on
+the port its config's probes use (PORT), on every interface, over its GPUs (tensor
+parallelism) — the model's type, format and own `args` included — without what only the
+daemon's way of running it needs: a launch key, memory shares, sleep support, a socket, the
+daemon's in-flight bound.
 
 What does not carry over (KServe has no equivalent): start on first request and idle stop
 (`idle_timeout`, `on_idle: sleep`), CPU spill (`cpu_offload_model`), GPU memory shares
@@ -32,6 +34,8 @@ from typing import Any
 
 import yaml
 
+from backends.base import LaunchContext
+from backends.registry import backend_for
 from config.models import ModelSpec, Registry
 
 API_VERSION = "serving.kserve.io/v1alpha2"
@@ -84,20 +88,19 @@ def manifest(spec: ModelSpec) -> dict[str, Any]:
     }
 
 
+COMMANDS = {"sglang": ("python", "-m", "sglang.launch_server"), "vllm": ("vllm", "serve")}
+
+
 def command_line(spec: ModelSpec, tensor: int) -> tuple[list[str], list[str]]:
-    """The container's command and args: what the runtime needs, then the model's own args."""
-    served, port = spec.served_name, str(PORT)
-    if spec.backend == "sglang":
-        command = ["python", "-m", "sglang.launch_server"]
-        args = ["--model-path", MODEL_DIR, "--served-model-name", served, "--port", port, "--host", "0.0.0.0"]
-        parallel = "--tp-size"
-    else:
-        command = ["vllm", "serve", MODEL_DIR]
-        args = ["--served-model-name", served, "--port", port, "--host", "0.0.0.0"]
-        parallel = "--tensor-parallel-size"
-    if tensor > 1:
-        args += [parallel, str(tensor)]
-    return command, args + list(spec.args)
+    """The container's command and args: the daemon's launch line, as KServe runs it."""
+    kserved = spec.model_copy(update={"gpu_memory": None, "on_idle": "stop", "gpu_id": None})
+    command = COMMANDS[spec.backend]
+    ctx = LaunchContext(
+        port=PORT, host="0.0.0.0", model_path=MODEL_DIR, base_env={}, command=command,
+        gpu_ids=tuple(range(tensor)), sglang_max_running_requests=None,
+    )  # fmt: skip
+    argv = backend_for(spec.backend).launch(kserved, ctx).argv
+    return list(command), list(argv[len(command) :])
 
 
 def kserve_manifests(registry: Registry) -> list[dict[str, Any]]:
