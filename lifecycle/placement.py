@@ -209,8 +209,9 @@ class LocalPlacement(Placement):
             self.socket, self.port = None, spec.port or free_port()
 
     async def terminate(self) -> None:
-        """Stop the process group (SIGTERM, grace, SIGKILL) and forget the process."""
-        proc, self._proc = self._proc, None
+        """Stop the process group (SIGTERM, grace, SIGKILL) and forget the process, once it is
+        gone (till then its pid is shown: every process of the daemon's is in /v1/status)."""
+        proc = self._proc
         if proc is not None:
             grace = self._services.settings.stop_grace_period
             killed = await terminate_group(proc.pid, grace, extra=descendants(proc.pid))
@@ -232,6 +233,7 @@ class LocalPlacement(Placement):
             await self._services.prober.forget(self.socket)
         self.exited = None
         self.port = self.socket = None
+        self._proc = None
 
     async def await_ready(
         self, path: str, deadline: float, timeout: float, abort: asyncio.Event, fail: Fail,

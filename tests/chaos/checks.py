@@ -152,10 +152,12 @@ def sessions(
     return out
 
 
-def rates(all_answers: Sequence[Answer]) -> list[str]:
+def rates(all_answers: Sequence[Answer], since: float = 0.0) -> list[str]:
     """A key's requests (and tokens) per minute never exceed its bucket: at most its capacity
     plus what refills over any window. Counted: answers an engine produced (a request refused
-    before any engine saw it costs the key nothing, so counting fewer can only under-count)."""
+    before any engine saw it costs the key nothing, so counting fewer can only under-count);
+    from `since`, the daemon's last start (its buckets start full)."""
+    all_answers = [a for a in all_answers if a.started >= since]
     out = []
     for key, spec in KEYS.items():
         for field, unit in (("requests_per_minute", 1.0), ("tokens_per_minute", None)):
@@ -199,19 +201,20 @@ def ledger(books: dict[str, dict[str, float]], status: dict[str, Any], squatted:
     return out
 
 
-def processes(status: dict[str, Any], tag: str, settled: bool) -> list[str]:
+def processes(statuses: Sequence[dict[str, Any]], tag: str, settled: bool) -> list[str]:
     """Every engine process of this run is one /v1/status knows (or a child of one): no orphan
-    once settled."""
+    once settled. (`statuses`: snapshots around the scan; an engine a timer stops or starts
+    meanwhile is in one of them.)"""
     if not settled:
         return []
-    known = {r["pid"] for m in status["models"] for r in m["replicas"] if r["pid"]}
+    known = {r["pid"] for status in statuses for m in status["models"] for r in m["replicas"] if r["pid"]}
     out = []
     for proc in psutil.process_iter(["pid", "ppid", "cmdline"]):
         line = " ".join(proc.info["cmdline"] or [])
         if "fake_engine.py" not in line or not env_marked(proc.info["pid"], tag):
             continue
         if proc.info["pid"] not in known and proc.info["ppid"] not in known:
-            out.append(f"engine process {proc.info['pid']} ({line[-60:]}) is not in /v1/status")
+            out.append(f"engine process {proc.info['pid']} ({line}) is not in /v1/status")
     return out
 
 

@@ -139,6 +139,20 @@ async def test_engine_ignoring_sigterm_is_killed_with_its_children(manager_for: 
     assert any("killed" in line for line in engine.log.tail(5))
 
 
+async def test_a_stopping_engine_shows_its_pid_until_its_process_is_gone(manager_for: Any) -> None:
+    """Found by the chaos test (issue 26): the pid was forgotten as the stop began, so for the
+    grace period a live engine process was in no status row."""
+    manager = await manager_for(fake_model("m", env={"FAKE_IGNORE_SIGTERM": "1"}), stop_grace_period=1.0)
+    engine = manager.get("m")
+    await engine.ensure_ready()
+    pid = engine.pid
+    stop = asyncio.ensure_future(engine.stop())
+    await engine.wait_for_state(EngineState.STOPPING, timeout=5)
+    assert engine.status().pid == pid and pid_alive(pid)
+    await stop
+    assert engine.status().pid is None and not pid_alive(pid)
+
+
 async def test_crashed_engine_is_failed_then_restarted_by_next_request(manager_for: Any) -> None:
     manager = await manager_for(fake_model("m", env={"FAKE_CHILDREN": "1"}))
     engine = manager.get("m")
