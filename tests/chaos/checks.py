@@ -152,12 +152,17 @@ def sessions(
     return out
 
 
-def rates(all_answers: Sequence[Answer], since: float = 0.0) -> list[str]:
+WINDOW = 180.0  # seconds: the longest window checked (a skipped limit shows in short ones)
+
+
+def rates(all_answers: Sequence[Answer], since: float = 0.0, new: float = 0.0) -> list[str]:
     """A key's requests (and tokens) per minute never exceed its bucket: at most its capacity
-    plus what refills over any window. Counted: answers an engine produced (a request refused
-    before any engine saw it costs the key nothing, so counting fewer can only under-count);
-    from `since`, the daemon's last start (its buckets start full)."""
-    all_answers = [a for a in all_answers if a.started >= since]
+    plus what refills over any window (of up to WINDOW, ending after `new`). Counted: answers
+    an engine produced (a request refused before any engine saw it costs the key nothing, so
+    counting fewer can only under-count); from `since`, the daemon's last start (its buckets
+    start full)."""
+    start = max(since, new - WINDOW)
+    all_answers = [a for a in all_answers if a.started >= start]
     out = []
     for key, spec in KEYS.items():
         for field, unit in (("requests_per_minute", 1.0), ("tokens_per_minute", None)):

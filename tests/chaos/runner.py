@@ -65,6 +65,7 @@ class Run:
         self.events: list[checks.Event] = []
         self.requests: dict[str, dict[str, Any]] = {}  # request id -> what the step asked
         self.note = ""  # what the step found and did, for the log
+        self.rss: list[tuple[int, int]] = []  # (step, the daemon's resident memory) at each settle
 
     # ------------------------------------------------------------------ driving
 
@@ -317,6 +318,7 @@ class Run:
         self.daemon.start(timeout=60)
         self.clients.rebase(self.daemon.url)
         self.counters = {}
+        self.rss = []  # another process
         await self._settle()
         if self.stranger is None or self.stranger.poll() is not None:
             raise Failure(self.step, self.walk, ["a process named by a stale pid record was killed"])
@@ -325,6 +327,10 @@ class Run:
         await self._op_join(step)
         await self._op_unsquat({})
         await self._settle()
+        assert self.daemon is not None and self.daemon.proc is not None
+        rss = psutil.Process(self.daemon.proc.pid).memory_info().rss
+        self.rss.append((self.step, rss))
+        self.note = f"daemon RSS {rss / 2**20:.1f} MiB"
 
     async def _settle(self) -> None:
         await self._until(self._quiet, SETTLE, "a settle (no request in flight, no engine changing)")
@@ -346,7 +352,8 @@ class Run:
         problems += checks.explained(batch, self.events, self.requests)
         problems += checks.sessions(batch, self.eras, self.sessions)
         restarts = [e.at for e in self.events if e.kind == "restart"]
-        problems += checks.rates(self.clients.answers, max(restarts, default=0.0))
+        newest = min((a.started for a in batch), default=time.monotonic())
+        problems += checks.rates(self.clients.answers[-2000:], max(restarts, default=0.0), newest)
         problems += await self._books(settled)
         problems += await self._processes(settled)
         text = (await self.http.get("/metrics", headers=ADMIN_HEADERS)).text

@@ -5,6 +5,7 @@ invariants after every step (tests/chaos/checks.py). docs/chaos.md says how to r
     CHAOS_STEPS=N       steps per walk (default STEPS)
     CHAOS_REPLAY=FILE   replay a walk a failing run wrote (JSON)
     CHAOS_SHRINK=SECS   how long a failing run may spend shrinking its walk (default 180; 0: none)
+    CHAOS_RESTART=0|1   end the walk with a daemon SIGKILL and restart (default: the seed says)
 
 A failing run prints its seed, the step and what broke, and the walk shrunk to the fewest steps
 that still break the same invariant, written to a file for CHAOS_REPLAY.
@@ -52,7 +53,8 @@ def test_chaos(seed: int, tmp_path: Path) -> None:
     if replay:
         walk: list[Step] = json.loads(Path(replay).read_text())["walk"]
     else:
-        walk = plan(seed, int(os.environ.get("CHAOS_STEPS", STEPS)))
+        restart = {"0": False, "1": True}.get(os.environ.get("CHAOS_RESTART", ""))
+        walk = plan(seed, int(os.environ.get("CHAOS_STEPS", STEPS)), restart)
     started = time.monotonic()
     try:
         run = run_walk(tmp_path / "run", seed, walk)
@@ -77,6 +79,11 @@ def test_chaos(seed: int, tmp_path: Path) -> None:
     codes = Counter(a.code or str(a.status) for a in answers)
     print(f"chaos seed {seed}: {len(walk)} steps, {len(answers)} requests in "
           f"{time.monotonic() - started:.0f}s: {dict(codes.most_common())}")  # fmt: skip
+    if len(run.rss) >= 2:
+        (first_step, first), (last_step, last) = run.rss[0], run.rss[-1]
+        mib = 2**20
+        print(f"daemon RSS: {first / mib:.1f} MiB at step {first_step}, "
+              f"{last / mib:.1f} MiB at step {last_step}")  # fmt: skip
     if os.environ.get("CHAOS_VERBOSE"):
         print("\n".join(run.log))
 
