@@ -137,6 +137,18 @@ class Run:
 
     _op_pressure = _op_burst
 
+    async def _op_mix(self, step: Step) -> None:
+        """Requests, and a moment into them an operator's action or a fault: the races."""
+
+        async def act() -> None:
+            await asyncio.sleep(step["delay"])
+            await getattr(self, "_op_" + step["action"]["op"])(step["action"])
+
+        answers, _ = await asyncio.gather(asyncio.gather(*(self._send(r) for r in step["requests"])), act())
+        self.note = f"{step['action']['op']} {self.note} | " + " ".join(
+            f"{a.model}>{a.served or '-'}:{a.code or a.status}" for a in answers
+        )
+
     async def _op_background(self, step: Step) -> None:
         self.background = [t for t in self.background if not t.done()]
         if len(self.background) < MAX_BACKGROUND:

@@ -23,8 +23,10 @@ CLIENTS = ["normal"] * 6 + ["disconnect", "slow", "never"]
 WEIGHTS = {
     "burst": 30, "background": 6, "join": 4, "start": 4, "stop": 5, "sleep": 4, "split": 3,
     "reload": 4, "kill": 4, "kill_starting": 2, "squat": 2, "unsquat": 2, "validate": 4,
-    "oversize": 1, "pressure": 2, "settle": 6,
+    "oversize": 1, "pressure": 2, "settle": 6, "mix": 12,
 }  # fmt: skip
+# What a "mix" step does while its requests run: operators and faults that race them.
+MIXED = ["start", "stop", "sleep", "split", "reload", "kill", "squat", "unsquat"]
 
 
 def plan(seed: int, steps: int, restart: bool | None = None) -> list[Step]:
@@ -43,6 +45,10 @@ def plan(seed: int, steps: int, restart: bool | None = None) -> list[Step]:
 def _step(rng: random.Random, op: str) -> Step:
     if op == "burst":
         return {"op": op, "requests": [_request(rng) for _ in range(rng.randint(1, 5))]}
+    if op == "mix":  # requests and, a moment into them, an operator's action or a fault
+        requests = [_request(rng) for _ in range(rng.randint(1, 4))]
+        delay, action = rng.choice([0.0, 0.02, 0.1, 0.3]), _step(rng, rng.choice(MIXED))
+        return {"op": op, "requests": requests, "delay": delay, "action": action}
     if op == "pressure":  # one request to each of many models at once: MAX_LOADED_MODELS
         models = rng.sample(MODELS, 6)
         return {"op": op, "requests": [_request(rng, model=m, client="normal") for m in models]}
